@@ -1,0 +1,148 @@
+"""Adafactor (Shazeer & Stern, 2018), with torch.optim's semantics and checkpoint layout."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .. import validation as v
+from ..engines.ops import lerp, maximum, sqrt
+from ..optimizer import Optimizer
+
+
+class AdafactorScalars(NamedTuple):
+    lr: float
+    one_minus_beta2: float  # t ** beta2_decay, the EMA weight of the new g^2
+    rho: float  # min(lr, 1 / sqrt(t))
+    eps1: float  # eps[0], or the parameter dtype's machine epsilon
+    eps2: float
+    d: float
+    weight_decay: float
+    step_size: float  # alpha / max(1, RMS(U) / d), set after the second pass
+
+
+def _square(s, x):
+    return x * x
+
+
+def _ema(s: AdafactorScalars, average, new):
+    return lerp(average, new, s.one_minus_beta2)
+
+
+def _ema_of_square(s: AdafactorScalars, average, g):
+    return lerp(average, g * g, s.one_minus_beta2)
+
+
+def _scaled_update(s: AdafactorScalars, g, row, col, norm):
+    # U = g / max(sqrt(V), eps1) with V = row * col / norm (row = V itself when unfactored)
+    return g / sqrt(maximum(row * col / norm, s.eps1 * s.eps1))
+
+
+def _update_sq(s: AdafactorScalars, g, row, col, norm):
+    u = _scaled_update(s, g, row, col, norm)
+    return u * u
+
+
+def _apply_update(s: AdafactorScalars, p, g, row, col, norm):
+    return p * (1 - s.lr * s.weight_decay) - s.step_size * _scaled_update(s, g, row, col, norm)
+
+
+def _eps_pair(name, value):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a pair (eps1 or None, eps2))")
+    v.optional(v.non_negative)("eps1", value[0])
+    v.non_negative("eps2", value[1])
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor: Adam-like steps with a factored second moment (memory-lean); torch semantics.
+
+    .. math::
+        \hat\beta_t = 1 - t^{\mathrm{beta2\_decay}}, \quad
+        \rho_t = \min(\gamma, 1/\sqrt t), \quad
+        \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta))\,\rho_t
+
+    Tensors with two or more dimensions keep row and column means of :math:`g^2` (over the
+    last two dimensions) as EMAs :math:`R, C` and use
+    :math:`\hat V = R C / \max(\mathrm{mean}(R), \epsilon_1)`; others keep a full EMA
+    :math:`\hat V` of :math:`g^2`. Then :math:`U = g/\max(\sqrt{\hat V}, \epsilon_1)`,
+    :math:`\hat U = U/\max(1, \mathrm{RMS}(U)/d)`, decoupled decay
+    :math:`\theta \leftarrow \theta(1-\gamma\lambda)` and
+    :math:`\theta \leftarrow \theta - \alpha_t \hat U`. ``eps1=None`` means the parameter
+    dtype's machine epsilon. No first moment (torch's variant).
+
+    Defaults: lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.
+    State: ``step``, ``row_var`` and ``col_var`` (≥ 2-D) or ``variance``.
+    """
+
+    checks = {
+        "lr": v.non_negative,
+        "beta2_decay": v.in_range(-math.inf, 0.0, closed_high=True),
+        "eps": _eps_pair,
+        "d": v.at_least(1.0),
+        "weight_decay": v.non_negative,
+        "maximize": v.flag,
+    }
+    slot_names = ("row_var", "col_var", "variance")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        state_dtype: str | None = None,
+        on_nonfinite: str = "apply",
+    ):
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                        weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         on_nonfinite=on_nonfinite)
+
+    def state_slots(self, group, p):
+        return self.slot_names[:2] if p.dim() > 1 else self.slot_names[2:]
+
+    def new_slot(self, group, p, name):
+        if name == "variance":
+            return super().new_slot(group, p, name)
+        shape = list(p.shape)
+        shape[-1 if name == "row_var" else -2] = 1
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(self.state_dtype, p.dtype)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def scalars(self, group, state) -> AdafactorScalars:
+        t = self.advance_step(state)
+        lr = float(group["lr"])
+        eps1, eps2 = group["eps"]
+        return AdafactorScalars(
+            lr=lr, one_minus_beta2=t ** group["beta2_decay"], rho=min(lr, 1 / t**0.5),
+            eps1=math.nan if eps1 is None else eps1, eps2=eps2, d=group["d"],
+            weight_decay=group["weight_decay"], step_size=math.nan,
+        )
+
+    def apply(self, engine, s: AdafactorScalars, p, g, slots):
+        if math.isnan(s.eps1):
+            s = s._replace(eps1=torch.finfo(p.dtype).eps)
+        n = p.numel()
+        (p_sq,) = engine.map(_square, s, [p], [], n_sums=1)
+        alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
+        if "variance" in slots:
+            variance = slots["variance"]
+            engine.map(_ema_of_square, s, [variance, g], [variance])
+            row, col, norm = variance, 1.0, 1.0
+        else:
+            row, col = slots["row_var"], slots["col_var"]
+            row_mean, col_mean = engine.mean_sq_last_dims(g)
+            engine.map(_ema, s, [row, row_mean], [row])
+            engine.map(_ema, s, [col, col_mean], [col])
+            norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
+        (u_sq,) = engine.map(_update_sq, s, [g, row, col, norm], [], n_sums=1)
+        s = s._replace(step_size=alpha / max(1.0, math.sqrt(u_sq / n) / s.d))
+        engine.map(_apply_update, s, [p, g, row, col, norm], [p])

@@ -1,0 +1,119 @@
+"""FAdam (Hwang, 2024), as implemented by the paper's reference code ("v3" algorithm)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from .. import validation as v
+from ..optimizer import Optimizer
+
+
+class FAdamScalars(NamedTuple):
+    lr: float
+    beta1: float
+    fisher_beta: float  # beta2 (1 - beta2^(t-1)) / (1 - beta2^t); 0 at t = 1
+    eps: float
+    power: float  # the hyperparameter ``p``
+    clip: float
+    weight_decay: float
+    eps_t: float  # eps * min(1, RMS(g)), set after the first pass
+    grad_divisor: float  # max(1, RMS(g_bar)) / clip, set after the second pass
+    weight_divisor: float  # max(1, RMS(w)) / clip, set after the second pass
+
+
+def _square(s, x):
+    return x * x
+
+
+def _fisher_pass(s: FAdamScalars, p, g, fim):
+    fim = s.fisher_beta * fim + (1 - s.fisher_beta) * (g * g)
+    denom = fim**s.power + s.eps_t
+    g_bar = g / denom
+    w = p / denom
+    return fim, g_bar * g_bar, w * w
+
+
+def _update_pass(s: FAdamScalars, p, g, fim, exp_avg):
+    denom = fim**s.power + s.eps_t
+    g_bar = (g / denom) / s.grad_divisor
+    exp_avg = s.beta1 * exp_avg + (1 - s.beta1) * g_bar
+    w = (p / denom) / s.weight_divisor
+    return p - s.lr * (exp_avg + s.weight_decay * w), exp_avg
+
+
+class FAdam(Optimizer):
+    r"""FAdam: Adam read as natural gradient with a diagonal empirical Fisher.
+
+    .. math::
+        \hat\beta_2 = \beta_2\frac{1-\beta_2^{t-1}}{1-\beta_2^t}, \quad
+        f \leftarrow \hat\beta_2 f + (1-\hat\beta_2) g^2, \quad
+        \epsilon_t = \epsilon\min(1, \mathrm{RMS}(g)), \\
+        \bar g = \frac{g}{f^p + \epsilon_t}, \quad
+        \bar g \leftarrow \bar g \Big/ \frac{\max(1, \mathrm{RMS}(\bar g))}{\mathrm{clip}}, \quad
+        m \leftarrow \beta_1 m + (1-\beta_1)\bar g, \\
+        w = \frac{\theta}{f^p + \epsilon_t}, \quad
+        w \leftarrow w \Big/ \frac{\max(1, \mathrm{RMS}(w))}{\mathrm{clip}}, \quad
+        \theta \leftarrow \theta - \gamma(m + \lambda w)
+
+    RMS is over the whole tensor; :math:`m` is not bias-corrected; the Fisher's own bias
+    correction is folded into :math:`\hat\beta_2`. The two RMS clips make this a three-pass
+    rule: RMS(g); the Fisher update with the sums for RMS(ḡ) and RMS(w); the update.
+
+    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, clip=1.0, p=0.5, weight_decay=0.1
+    (the reference code's). State: ``step``, ``exp_avg`` (m), ``fim`` (f).
+    """
+
+    checks = {
+        "lr": v.non_negative,
+        "betas": v.betas,
+        "eps": v.non_negative,
+        "clip": v.positive,
+        "p": v.positive,
+        "weight_decay": v.non_negative,
+        "maximize": v.flag,
+    }
+    slot_names = ("exp_avg", "fim")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip: float = 1.0,
+        p: float = 0.5,
+        weight_decay: float = 0.1,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        state_dtype: str | None = None,
+        on_nonfinite: str = "apply",
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, clip=clip, p=p, weight_decay=weight_decay,
+                        maximize=maximize)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         on_nonfinite=on_nonfinite)
+
+    def scalars(self, group, state) -> FAdamScalars:
+        t = self.advance_step(state)
+        beta1, beta2 = group["betas"]
+        return FAdamScalars(
+            lr=float(group["lr"]), beta1=beta1,
+            fisher_beta=beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t),
+            eps=group["eps"], power=group["p"], clip=group["clip"],
+            weight_decay=group["weight_decay"],
+            eps_t=math.nan, grad_divisor=math.nan, weight_divisor=math.nan,
+        )
+
+    def apply(self, engine, s: FAdamScalars, p, g, slots):
+        n = p.numel()
+        fim, exp_avg = slots["fim"], slots["exp_avg"]
+        (g_sq,) = engine.map(_square, s, [g], [], n_sums=1)
+        s = s._replace(eps_t=s.eps * min(1.0, math.sqrt(g_sq / n)))
+        g_bar_sq, w_sq = engine.map(_fisher_pass, s, [p, g, fim], [fim], n_sums=2)
+        s = s._replace(
+            grad_divisor=max(1.0, math.sqrt(g_bar_sq / n)) / s.clip,
+            weight_divisor=max(1.0, math.sqrt(w_sq / n)) / s.clip,
+        )
+        engine.map(_update_pass, s, [p, g, fim, exp_avg], [p, exp_avg])

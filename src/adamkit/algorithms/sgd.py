@@ -1,0 +1,100 @@
+"""SGD with momentum and Nesterov momentum (torch.optim semantics)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .. import validation as v
+from ..optimizer import Optimizer
+
+
+class SGDScalars(NamedTuple):
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    first: bool  # no momentum buffer yet: it starts as the gradient itself
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, optionally with (Nesterov) momentum; torch semantics.
+
+    Coupled decay :math:`g \leftarrow g + \lambda\theta`. With momentum :math:`\mu`:
+    :math:`b_1 = g_1` (no dampening on the first step), then
+    :math:`b_t = \mu b_{t-1} + (1-\tau) g_t`; the step direction is :math:`g + \mu b` with
+    ``nesterov=True``, otherwise :math:`b`. :math:`\theta \leftarrow \theta - \gamma\,d`.
+    Full-batch gradient descent is SGD with the whole data set as one batch.
+
+    Defaults: lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False (torch's).
+    Nesterov needs momentum > 0 and dampening = 0. State: ``momentum_buffer`` (momentum > 0
+    only; like torch there is no ``step``). Sparse gradients are accepted with momentum=0 and
+    weight_decay=0.
+    """
+
+    checks = {
+        "lr": v.non_negative,
+        "momentum": v.non_negative,
+        "dampening": v.in_range(0.0, 1.0, closed_high=True),
+        "weight_decay": v.non_negative,
+        "nesterov": v.flag,
+        "maximize": v.flag,
+    }
+    slot_names = ("momentum_buffer",)
+    supports_complex = True
+    sparse_note = "SGD (momentum=0, weight_decay=0)"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        state_dtype: str | None = None,
+        on_nonfinite: str = "apply",
+    ):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
+                         on_nonfinite=on_nonfinite)
+
+    def validate_group(self, group):
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"Invalid nesterov=True with momentum={group['momentum']} and "
+                f"dampening={group['dampening']} (Nesterov momentum requires momentum > 0 "
+                "and dampening = 0)"
+            )
+
+    def sparse_ok(self, group):
+        return group["momentum"] == 0 and group["weight_decay"] == 0
+
+    def state_slots(self, group, p):
+        return self.slot_names if group["momentum"] != 0 else ()
+
+    def scalars(self, group, state) -> SGDScalars:
+        return SGDScalars(
+            lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+            first="momentum_buffer" not in state,
+        )
+
+    @staticmethod
+    def update(s: SGDScalars, p, g, momentum_buffer):
+        if s.weight_decay != 0:
+            g = g + s.weight_decay * p
+        if s.momentum != 0:
+            if s.first:
+                momentum_buffer = g
+            else:
+                momentum_buffer = momentum_buffer * s.momentum + (1 - s.dampening) * g
+            if s.nesterov:
+                g = g + s.momentum * momentum_buffer
+            else:
+                g = momentum_buffer
+        return p - s.lr * g, momentum_buffer

@@ -1,0 +1,1 @@
+"""Engines run an algorithm's rule; they never contain algorithm-specific formulas."""

@@ -1,0 +1,71 @@
+"""The reference engine: evaluates a rule with torch operations on whole tensors.
+
+It runs on any device and any floating dtype and is the oracle every other engine is tested
+against. Readability beats speed here: each ``map`` materialises its results and copies them
+into the output tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a rule is evaluated in: float64 for float64 parameters, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class ReferenceEngine:
+    """Executes the primitives a rule's ``apply`` is written with, in eager torch.
+
+    Primitives:
+
+    * ``map(fn, s, ins, outs, n_sums=0)``: ``fn(s, *ins)`` elementwise; the first ``len(outs)``
+      results are written into ``outs`` (``None`` entries are skipped), the remaining ``n_sums``
+      results are summed over all elements and returned as Python floats.
+    * ``mean_sq_last_dims(x)``: row and column means of ``x**2`` over the last two dimensions,
+      with ``keepdim`` shapes ``(..., n, 1)`` and ``(..., 1, m)``.
+    """
+
+    name = "reference"
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = compute_dtype(dtype)
+
+    def _load(self, t):
+        if t is None or not isinstance(t, Tensor):
+            return t
+        return t.to(self.dtype)
+
+    def map(
+        self,
+        fn: Callable,
+        s,
+        ins: Sequence,
+        outs: Sequence,
+        n_sums: int = 0,
+    ) -> list[float]:
+        results = fn(s, *[self._load(t) for t in ins])
+        if not isinstance(results, tuple):
+            results = (results,)
+        if len(results) != len(outs) + n_sums:
+            raise RuntimeError(
+                f"{getattr(fn, '__qualname__', fn)} returned {len(results)} values, "
+                f"expected {len(outs)} outputs + {n_sums} sums"
+            )
+        for out, value in zip(outs, results):
+            if out is not None:
+                out.copy_(value)
+        sums = []
+        for value in results[len(outs):]:
+            sums.append(float(value.sum()) if isinstance(value, Tensor) else float(value))
+        return sums
+
+    def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._load(x)
+        sq = x * x
+        return sq.mean(dim=-1, keepdim=True), sq.mean(dim=-2, keepdim=True)

@@ -1,0 +1,327 @@
+"""The torch.optim.Optimizer front end shared by every adamkit algorithm.
+
+An algorithm subclasses :class:`Optimizer` and declares, in its own file:
+
+* ``checks``: one validation function per hyperparameter (see :mod:`adamkit.validation`);
+* ``slot_names``: the per-element state tensors its ``update`` takes, in argument order, with
+  torch's names where torch has the algorithm; ``state_slots(group, p)`` says which of them a
+  group uses (``max_exp_avg_sq`` only with ``amsgrad=True``, ...);
+* ``scalars(group, state)``: advances the step counter and returns the per-step scalars
+  (bias corrections, bounds, ...) as a named tuple of floats and bools;
+* ``update(s, p, g, *slots)``: the per-element rule, written with arithmetic and
+  :mod:`adamkit.engines.ops` only, returning the new ``(p, *slots)``;
+* optionally ``apply(engine, s, p, g, slots)`` when the rule needs per-tensor reductions
+  (FAdam, Adafactor): a short program of ``engine.map`` passes.
+
+Everything else lives here, once: param groups and their validation, lazy state creation,
+``maximize``, complex parameters (as real views, like torch), sparse gradients (the rule runs on
+the gathered rows), non-finite gradient handling, state storage dtype and engine choice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+
+from . import validation
+from .engines.reference import ReferenceEngine
+
+Tensor = torch.Tensor
+
+BACKENDS = ("auto", "fused", "reference")
+STATE_DTYPES = (None, "float32", "bfloat16", "int8")
+ON_NONFINITE = ("apply", "skip", "raise")
+_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def scalar_dtype() -> torch.dtype:
+    """dtype of the ``step`` counter tensor, as torch.optim chooses it."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of every adamkit optimizer (a ``torch.optim.Optimizer``).
+
+    Args common to all optimizers (keyword-only):
+        backend: ``"auto"`` (the fastest engine that can run), ``"reference"`` (torch ops on
+            whole tensors, any device) or ``"fused"``.
+        state_dtype: ``None`` keeps state in the parameter's dtype (torch's behaviour);
+            ``"float32"`` or ``"bfloat16"`` store it in that dtype (the rule still computes in
+            float32, float64 for float64 parameters).
+        on_nonfinite: what a step does when any gradient holds NaN or +-Inf: ``"apply"``
+            (torch's behaviour: the step goes ahead), ``"skip"`` (nothing changes, not even step
+            counts; ``skipped_steps`` goes up and a warning is issued once) or ``"raise"``
+            (``FloatingPointError`` naming the group, parameter index and shape).
+    """
+
+    # ---- declared by each algorithm -------------------------------------------------------
+    checks: ClassVar[dict[str, validation.Check]] = {}
+    slot_names: ClassVar[tuple[str, ...]] = ()
+    supports_complex: ClassVar[bool] = False
+    requires_sparse: ClassVar[bool] = False
+    #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
+    sparse_note: ClassVar[str] = ""
+
+    def state_slots(self, group: dict, p: Tensor) -> tuple[str, ...]:
+        """The slots this group keeps for ``p`` (default: all of ``slot_names``)."""
+        return self.slot_names
+
+    def slot_fill(self, group: dict, name: str) -> float:
+        """Initial value of a slot (default 0)."""
+        return 0.0
+
+    def new_slot(self, group: dict, p: Tensor, name: str) -> Tensor:
+        """A fresh state tensor for slot ``name`` of ``p`` (default: shaped like ``p``)."""
+        fill = self.slot_fill(group, name)
+        if p.is_complex():
+            return torch.full_like(p, complex(fill, fill), memory_format=torch.preserve_format)
+        dtype = _STORAGE.get(self.state_dtype, p.dtype)
+        return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
+
+    def sparse_ok(self, group: dict) -> bool:
+        """Whether this group can take sparse gradients."""
+        return False
+
+    def scalars(self, group: dict, state: dict):
+        raise NotImplementedError
+
+    @staticmethod
+    def update(s, p, g, *slots):
+        raise NotImplementedError
+
+    def apply(self, engine, s, p: Tensor, g: Tensor, slots: dict[str, Tensor]) -> None:
+        """Run the rule on one tensor: a single elementwise pass by default."""
+        tensors = [slots.get(name) for name in self.slot_names]
+        engine.map(self.update, s, [p, g, *tensors], [p, *tensors])
+
+    # ---- front end ----------------------------------------------------------------------
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        backend: str = "auto",
+        state_dtype: str | None = None,
+        on_nonfinite: str = "apply",
+    ):
+        validation.choice(*BACKENDS)("backend", backend)
+        validation.choice(*STATE_DTYPES)("state_dtype", state_dtype)
+        validation.choice(*ON_NONFINITE)("on_nonfinite", on_nonfinite)
+        if backend == "fused":
+            raise ValueError(
+                "backend='fused' is not available in this version of adamkit; "
+                "use backend='auto' or backend='reference'"
+            )
+        if state_dtype == "int8":
+            raise ValueError(
+                "state_dtype='int8' is not available in this version of adamkit; "
+                "use None, 'float32' or 'bfloat16'"
+            )
+        self.backend = backend
+        self.state_dtype = state_dtype
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(
+            backend=self.backend,
+            state_dtype=self.state_dtype,
+            on_nonfinite=self.on_nonfinite,
+            skipped_steps=self.skipped_steps,
+        )
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # Called by load_state_dict with groups saved by another optimizer (torch.optim's or an
+        # older adamkit's): fill in any hyperparameter the saved groups lack.
+        state = dict(state)
+        for attr, default in (("backend", "auto"), ("state_dtype", None),
+                              ("on_nonfinite", "apply"), ("skipped_steps", 0)):
+            if not hasattr(self, attr):
+                setattr(self, attr, state.pop(attr, default))
+            else:
+                state.pop(attr, None)
+        if not hasattr(self, "_warned_nonfinite"):
+            self._warned_nonfinite = False
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, default in self.defaults.items():
+                group.setdefault(name, default)
+            self.setup_group(group)
+
+    def setup_group(self, group: dict) -> None:
+        """Hook for group keys derived at creation (AdaBound's ``base_lr``)."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for name, check in self.checks.items():
+                check(name, group[name])
+            self.validate_group(group)
+            if not self.supports_complex:
+                for i, p in enumerate(group["params"]):
+                    if p.is_complex():
+                        raise ValueError(
+                            f"{type(self).__name__} does not support complex parameters "
+                            f"(parameter {i} of param group {len(self.param_groups) - 1} is "
+                            f"{p.dtype}); pass torch.view_as_real(p) as a real parameter instead"
+                        )
+            for i, p in enumerate(group["params"]):
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(
+                        f"Invalid parameter {i} of param group {len(self.param_groups) - 1}: "
+                        f"dtype {p.dtype} (optimizers need floating-point or complex parameters)"
+                    )
+                if p.is_complex() and self.state_dtype is not None:
+                    raise ValueError(
+                        f"state_dtype={self.state_dtype!r} is not supported for complex "
+                        "parameters; use state_dtype=None"
+                    )
+        except Exception:
+            self.param_groups.pop()  # an invalid group must leave the optimizer as it was
+            raise
+        self.setup_group(group)
+
+    def validate_group(self, group: dict) -> None:
+        """Checks that involve several hyperparameters (override where needed)."""
+
+    # ---- stepping -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimisation step; returns ``closure()``'s loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.on_nonfinite != "apply" and not self._gradients_finite():
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_parameter(group, p)
+        return loss
+
+    def _gradients_finite(self) -> bool:
+        flags = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad._values() if p.grad.is_sparse else p.grad
+                    flags.append(torch.isfinite(g).all())
+        if not flags or bool(torch.stack(flags).all()):
+            return True
+        if self.on_nonfinite == "raise":
+            for gi, group in enumerate(self.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    g = p.grad._values() if p.grad.is_sparse else p.grad
+                    if not bool(torch.isfinite(g).all()):
+                        raise FloatingPointError(
+                            f"Non-finite gradient (NaN or Inf) for parameter {pi} of param "
+                            f"group {gi} (shape {tuple(p.shape)}); nothing was updated. Use "
+                            "on_nonfinite='skip' to skip such steps instead."
+                        )
+        self.skipped_steps += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: a gradient holds NaN or Inf; the step was skipped "
+                "(on_nonfinite='skip'). Further skips are counted in optimizer.skipped_steps "
+                "without warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+
+    def _engine(self, p: Tensor):
+        return ReferenceEngine(p.dtype)
+
+    def _step_parameter(self, group: dict, p: Tensor) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            if not self.sparse_ok(group):
+                raise RuntimeError(self._sparse_error(group))
+        elif self.requires_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support dense gradients, please consider "
+                "Adam instead"
+            )
+        state = self.state[p]
+        s = self.scalars(group, state)
+        names = self.state_slots(group, p)
+        for name in names:
+            if name not in state:
+                state[name] = self.new_slot(group, p, name)
+        if p.numel() == 0:
+            return
+        if group["maximize"]:
+            grad = -grad
+        slots = {name: state[name] for name in names}
+        if grad.is_sparse:
+            self._apply_sparse(self._engine(p), s, p, grad, slots)
+            return
+        if p.is_complex():
+            p = torch.view_as_real(p)
+            grad = torch.view_as_real(grad)
+            slots = {k: torch.view_as_real(v) if v.is_complex() else v for k, v in slots.items()}
+        self.apply(self._engine(p), s, p, grad, slots)
+
+    def _apply_sparse(self, engine, s, p: Tensor, grad: Tensor, slots: dict[str, Tensor]) -> None:
+        # The rule runs on the rows the gradient touches; other rows and their state are left
+        # alone (lazy update). Duplicate indices are summed by coalesce().
+        grad = grad.coalesce()
+        indices, values = grad._indices(), grad._values()
+        if values.numel() == 0:
+            return
+        sparse_shape = grad.shape[: grad.sparse_dim()]
+        rows = torch.zeros(indices.shape[1], dtype=torch.long, device=indices.device)
+        for d, size in enumerate(sparse_shape):
+            rows = rows * size + indices[d]
+        dense_shape = tuple(grad.shape[grad.sparse_dim():])
+        targets = {"p": p, **slots}
+        flat = {k: v.reshape(-1, *dense_shape) for k, v in targets.items()}
+        gathered = {k: v.index_select(0, rows) for k, v in flat.items()}
+        self.apply(engine, s, gathered["p"], values,
+                   {k: v for k, v in gathered.items() if k != "p"})
+        for k, v in flat.items():
+            v.index_copy_(0, rows, gathered[k])
+            if v.data_ptr() != targets[k].data_ptr() or not targets[k].is_contiguous():
+                targets[k].copy_(v.view_as(targets[k]))
+
+    def _sparse_error(self, group: dict) -> str:
+        from .registry import OPTIMIZERS  # late import: the registry imports every algorithm
+
+        capable = [cls.sparse_note for cls in OPTIMIZERS.values() if cls.sparse_note]
+        return (
+            f"{type(self).__name__} does not support sparse gradients with these settings; "
+            f"optimizers that do: {', '.join(capable)}"
+        )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to the parameter's dtype; restore the chosen storage dtype.
+        storage = _STORAGE.get(self.state_dtype)
+        if storage is None:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for name in self.state_slots(group, p):
+                    if name in state and state[name].dtype != storage:
+                        state[name] = state[name].to(storage)
+
+    # ---- helpers for algorithms ---------------------------------------------------------
+    @staticmethod
+    def advance_step(state: dict) -> float:
+        """Increment the parameter's ``step`` (a 0-dim tensor, as in torch) and return it."""
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+        state["step"] += 1
+        return float(state["step"])
