@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m adamkit.demo
+	$(VENV)/bin/adamkit bench --suite quick --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest

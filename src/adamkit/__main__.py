@@ -1,0 +1,6 @@
+"""``python -m adamkit`` runs the ``adamkit`` command."""
+import sys
+
+from adamkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""The ``adamkit`` command: argument parsing only; the work is in ``adamkit.bench.commands``.
+
+Subcommands: train, bench, landscape, report. (``speed`` is added by ``adamkit.bench.speed``; register
+its parser in ``build_parser`` next to the others.)
+Exit status: 0 success, 1 some benchmark runs failed, 2 bad input (unknown name, invalid value,
+missing data, unwritable output), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Compare the Adam family of optimizers on real training, offline.
+
+  adamkit train --workload mlp-digits --optimizer adamw --lr 3e-3 --json run.json
+  adamkit bench --suite quick --out runs/demo
+  adamkit landscape --function rosenbrock --optimizers adam,sgd,adabound --out rosenbrock.png
+  adamkit report runs/demo
+
+`adamkit train --list` prints the workloads, optimizers and schedules."""
+
+DATA_HELP = ("folder with the user-provided data sets: MNIST IDX files (train-images-idx3-ubyte[.gz], ...) "
+             "and CIFAR-10's cifar-10-batches-py/ (default: $ADAMKIT_DATA_DIR or ~/.cache/adamkit/data)")
+
+
+def _add_hyperparameters(parser: argparse.ArgumentParser, lr_help: str, description: str) -> None:
+    group = parser.add_argument_group("optimizer hyperparameters", description)
+    group.add_argument("--lr", type=float, help=lr_help)
+    group.add_argument("--weight-decay", type=float, metavar="WD", help="weight_decay")
+    group.add_argument("--betas", metavar="B1,B2", help="betas, e.g. 0.9,0.99")
+    group.add_argument("--eps", metavar="EPS", help="eps (Adafactor takes a pair, e.g. none,1e-3)")
+    group.add_argument("--momentum", type=float, help="momentum (SGD, RMSprop)")
+    group.add_argument("--dampening", type=float, help="dampening (SGD)")
+    group.add_argument("--nesterov", action="store_const", const=True, help="nesterov=True (SGD)")
+    group.add_argument("--alpha", type=float, help="alpha (RMSprop)")
+    group.add_argument("--centered", action="store_const", const=True, help="centered=True (RMSprop)")
+    group.add_argument("--amsgrad", action="store_const", const=True, help="amsgrad=True (Adam, AdamW, AdaBelief)")
+    group.add_argument("--final-lr", type=float, help="final_lr (AdaBound)")
+    group.add_argument("--gamma", type=float, help="gamma (AdaBound)")
+    group.add_argument("--amsbound", action="store_const", const=True, help="amsbound=True (AdaBound)")
+    group.add_argument("--decoupled-weight-decay", action="store_const", const=True,
+                       help="decoupled_weight_decay=True")
+    group.add_argument("--hp", action="append", metavar="KEY=VALUE",
+                       help="any constructor argument, repeatable: --hp beta3=0.999 --hp state_dtype=bfloat16 "
+                            "(values: numbers, true/false, none, comma lists, text)")
+
+
+def _add_common(parser: argparse.ArgumentParser, threads_help: str) -> None:
+    parser.add_argument("--data-dir", default=None, metavar="DIR", help=DATA_HELP)
+    parser.add_argument("--download", action="store_true",
+                        help="download missing MNIST / CIFAR-10 files into --data-dir (needs a network)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for model workloads (default: cpu; functions always run on the CPU)")
+    parser.add_argument("--threads", type=int, metavar="N", help=threads_help)
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adamkit", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # train ----------------------------------------------------------------------------------
+    train = sub.add_parser(
+        "train", help="train one workload with one optimizer",
+        description="Train one workload with one optimizer, evaluating on a held-out split. Writes TensorBoard "
+                    "scalars (--logdir), a JSON summary (--json) and atomic checkpoints (--checkpoint).")
+    train.add_argument("--workload", "-w", help="workload name (see --list)")
+    train.add_argument("--optimizer", "-o", default="adam", help="optimizer name (default: adam; see --list)")
+    train.add_argument("--list", action="store_true", help="list workloads, optimizers and schedules, then exit")
+    _add_hyperparameters(
+        train, "learning rate (default: the workload's prescribed one, else the optimizer's)",
+        "Only the values given are passed to the optimizer; its own defaults apply to the rest. "
+        "An unknown argument or an invalid value stops with a message (the optimizer's own for values).")
+    sched = train.add_argument_group("learning-rate schedule")
+    sched.add_argument("--schedule", metavar="NAME",
+                       help="a schedule from adamkit.schedules (default: the workload's, usually none)")
+    sched.add_argument("--schedule-arg", action="append", metavar="KEY=VALUE",
+                       help="schedule argument, repeatable; total_steps defaults to the run's steps and a "
+                            "required warmup_steps to 5%% of them")
+    budget = train.add_argument_group("budget and data")
+    steps = budget.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help="optimizer steps (default: the workload's budget)")
+    steps.add_argument("--epochs", type=float, help="passes over the training set (model workloads)")
+    budget.add_argument("--batch-size", type=int, help="mini-batch size (default: the workload's)")
+    budget.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order, dropout (default 0)")
+    budget.add_argument("--init", default="default", choices=["default", "xavier", "kaiming", "orthogonal"],
+                        help="re-initialise Linear/Conv weights (default: the model's own)")
+    budget.add_argument("--param-groups", action="store_true",
+                        help="no weight decay on biases and normalisation weights (adamkit.param_groups)")
+    budget.add_argument("--data", metavar="FILE", help="charlm: train on this text file instead of the stdlib source")
+    budget.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (default: ~20 per run)")
+    out = train.add_argument_group("output")
+    out.add_argument("--logdir", metavar="DIR", help="TensorBoard scalars: losses, metrics, lr, gradient norm, "
+                     "per-layer update/weight ratio, effective per-element step size")
+    out.add_argument("--json", metavar="FILE", help="write the run summary as JSON")
+    out.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (written atomically)")
+    out.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (and at the end)")
+    out.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    _add_common(train, "torch intra-op threads (default: torch's choice)")
+
+    # bench ----------------------------------------------------------------------------------
+    bench = sub.add_parser(
+        "bench", help="compare optimizers on a suite of workloads",
+        description="Compare optimizers fairly: a learning-rate sweep per optimizer and workload (unless --lr), "
+                    "then every seed at the best value. Appends to DIR/results.jsonl, logs to DIR/tb/, prints "
+                    "leaderboards and writes DIR/report.md and DIR/report.html. Rerunning with the same --out "
+                    "skips finished runs.")
+    bench.add_argument("--suite", choices=["quick", "full", "paper"],
+                       help="quick (default): 6 offline workloads, 6 optimizers, 2 seeds, minutes; full: every "
+                            "offline workload incl. charlm, every dense optimizer, 5 seeds; paper: MNIST and "
+                            "CIFAR-10 (needs --data-dir)")
+    bench.add_argument("--workloads", metavar="A,B",
+                       help="workloads instead of the suite's (the suite still sets the other defaults)")
+    bench.add_argument("--optimizers", metavar="A,B", help="optimizers instead of the suite's")
+    bench.add_argument("--seeds", metavar="N|A,B", help="number of seeds (from 0) or a list of seeds")
+    bench.add_argument("--out", metavar="DIR", help="output folder (default: runs/<suite>)")
+    _add_hyperparameters(
+        bench, "fix the learning rate for every optimizer (no sweep)",
+        "Each value is passed to every chosen optimizer that has that argument; their own defaults apply to "
+        "the rest. An invalid value stops with the optimizer's own message before any training.")
+    bench.add_argument("--steps", type=int, help="budget for every workload instead of its own")
+    bench.add_argument("--batch-size", type=int, help="batch size for every model workload")
+    bench.add_argument("--sweep-points", type=int, default=5, help="learning rates per sweep (default 5)")
+    bench.add_argument("--sweep-fraction", type=float,
+                       help="fraction of the budget a sweep run trains (default: the suite's, 0.25 or 0.1)")
+    bench.add_argument("--jobs", "-j", type=int, metavar="N",
+                       help="runs in N parallel worker processes (default: the number of CPUs, at most 4; "
+                            "1 runs everything in this process)")
+    bench.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
+    _add_common(bench, "torch intra-op threads per run (default 1: small models run best on one thread "
+                       "per process)")
+
+    # landscape ------------------------------------------------------------------------------
+    landscape = sub.add_parser(
+        "landscape", help="draw optimizer trajectories on a 2-D function",
+        description="Draw each optimizer's trajectory over the contour plot of a 2-D test function: one PNG, "
+                    "one panel per optimizer, each at its best learning rate from a sweep.")
+    landscape.add_argument("--function", "-f", default="rosenbrock", help="rosenbrock (default), beale or rastrigin")
+    landscape.add_argument("--optimizers", default="adam,sgd,adabound", metavar="A,B",
+                           help="optimizers to draw (default: adam,sgd,adabound)")
+    landscape.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    landscape.add_argument("--steps", type=int, help="steps per trajectory (default: the function's budget, 1000)")
+    landscape.add_argument("--lr", type=float, help="use this learning rate for every optimizer (no sweep)")
+    landscape.add_argument("--sweep-points", type=int, default=5, help="learning rates per sweep (default 5)")
+    landscape.add_argument("--json", metavar="FILE", help="also write the chosen learning rates and final values")
+    landscape.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    # report ---------------------------------------------------------------------------------
+    report = sub.add_parser(
+        "report", help="regenerate a bench report from DIR/results.jsonl",
+        description="Regenerate DIR/report.md, DIR/report.html and DIR/figures/*.png from DIR/results.jsonl "
+                    "and print the leaderboards.")
+    report.add_argument("dir", metavar="DIR", help="a bench output folder")
+    report.add_argument("--quiet", "-q", action="store_true", help="print only the leaderboards")
+
+    # speed: registered here by adamkit.bench.speed's owner.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from adamkit.bench import commands
+    from adamkit.bench.errors import UsageError
+    if getattr(args, "data_dir", None) is None and hasattr(args, "data_dir"):
+        from adamkit.bench.data import DEFAULT_DATA_DIR
+        args.data_dir = DEFAULT_DATA_DIR
+    handler = getattr(commands, args.command)
+    try:
+        return handler(args)
+    except UsageError as error:
+        print(f"adamkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nadamkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
