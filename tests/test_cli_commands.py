@@ -1,6 +1,5 @@
 """The `adamkit` command line: help texts, exit statuses, messages, and the console script."""
 import json
-import os
 import shutil
 import subprocess
 import sys

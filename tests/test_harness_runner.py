@@ -1,12 +1,10 @@
 """`adamkit train` as a library call: summaries, checkpoints, resume, TensorBoard logs."""
 import json
-import math
 import os
 
 import pytest
 import torch
 
-from adamkit.bench import runner
 from adamkit.bench.errors import UsageError
 from adamkit.bench.runner import TrainConfig, run_training
 

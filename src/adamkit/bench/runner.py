@@ -354,10 +354,18 @@ def run_training(config: TrainConfig, *, on_step=None, prepared: PreparedRun | N
     information). Raises UsageError on bad input before any training.
     """
     run = prepared or prepare(config)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(run, config, on_step)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was
+
+
+def _train(run: PreparedRun, config: TrainConfig, on_step) -> dict:
     c = config
     wall_start = time.perf_counter()
-    if c.threads:
-        torch.set_num_threads(c.threads)
 
     context = workloads.BuildContext(seed=c.seed, batch_size=c.batch_size, device=c.device, data_dir=c.data_dir,
                                      data_file=c.data_file, download=c.download)

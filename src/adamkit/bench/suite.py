@@ -19,9 +19,8 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import optimizers as optim_names
