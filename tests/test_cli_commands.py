@@ -9,7 +9,7 @@ import pytest
 
 from adamkit.cli import main
 
-SUBCOMMANDS = ["train", "bench", "landscape", "report"]
+SUBCOMMANDS = ["train", "bench", "landscape", "report", "speed"]
 
 
 def run_cli(argv, capsys):
@@ -39,7 +39,9 @@ def test_subcommand_help(command, capsys):
                           "--checkpoint-every", "--resume", "--quiet", "--hp"],
                 "bench": ["--suite", "--workloads", "--optimizers", "--seeds", "--out", "--lr", "--jobs"],
                 "landscape": ["--function", "--optimizers", "--out"],
-                "report": ["DIR"]}[command]
+                "report": ["DIR"],
+                "speed": ["--shapes", "--scale", "--optimizers", "--state-dtype", "--backend",
+                          "--steps", "--warmup", "--compare", "--json"]}[command]
     for flag in expected:
         assert flag in out, flag
 
@@ -149,3 +151,21 @@ def test_console_script_and_module_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "adamkit", "train", "--workload", "bogus"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "valid workloads" in result.stderr
+
+
+def test_speed_runs_through_the_adamkit_command(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    status, text, _ = run_cli(["speed", "--shapes", "uniform", "--scale", "0.002", "--steps", "1",
+                               "--warmup", "0", "--optimizers", "adam", "--json", str(out)], capsys)
+    assert status == 0
+    assert text.startswith("copy bandwidth:")
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["optimizer"] for r in rows} >= {"adam"}
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, then renamed
+
+
+def test_speed_rejects_unknown_optimizer(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["speed", "--optimizers", "adamm"])
+    assert info.value.code == 2
+    assert "adamm" in capsys.readouterr().err

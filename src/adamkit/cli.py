@@ -1,7 +1,9 @@
 """The ``adamkit`` command: argument parsing only; the work is in ``adamkit.bench.commands``.
 
-Subcommands: train, bench, landscape, report. (``speed`` is added by ``adamkit.bench.speed``; register
-its parser in ``build_parser`` next to the others.)
+Subcommands: train, bench, landscape, report, speed. A subcommand's parser may carry
+``set_defaults(handler=...)``, a function that takes the parsed arguments and returns the exit status
+(``speed`` does, with ``adamkit.bench.speed.run``); without a handler, ``main`` calls the function of
+``adamkit.bench.commands`` named after the subcommand.
 Exit status: 0 success, 1 some benchmark runs failed, 2 bad input (unknown name, invalid value,
 missing data, unwritable output), 130 interrupted.
 """
@@ -17,6 +19,7 @@ Compare the Adam family of optimizers on real training, offline.
   adamkit bench --suite quick --out runs/demo
   adamkit landscape --function rosenbrock --optimizers adam,sgd,adabound --out rosenbrock.png
   adamkit report runs/demo
+  adamkit speed --shapes gpt2 --scale 0.25 --compare
 
 `adamkit train --list` prints the workloads, optimizers and schedules."""
 
@@ -155,7 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", metavar="DIR", help="a bench output folder")
     report.add_argument("--quiet", "-q", action="store_true", help="print only the leaderboards")
 
-    # speed: registered here by adamkit.bench.speed's owner.
+    # speed ----------------------------------------------------------------------------------
+    from adamkit.bench import speed as speed_module
+    speed = sub.add_parser(
+        "speed", help="time every optimizer's step on a realistic parameter set",
+        description="Time optimizer.step() on GPT-2, ResNet-18 or uniform tensor shapes: ms/step, "
+                    "million params/s, the bytes each algorithm must move, effective GB/s, the "
+                    "ratio to torch.optim.AdamW(fused=True) timed in the same process, and state "
+                    "bytes per parameter. The first line is the machine's measured copy bandwidth.")
+    speed_module.add_arguments(speed)
+    speed.set_defaults(handler=speed_module.run)
     return parser
 
 
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data_dir", None) is None and hasattr(args, "data_dir"):
         from adamkit.bench.data import DEFAULT_DATA_DIR
         args.data_dir = DEFAULT_DATA_DIR
-    handler = getattr(commands, args.command)
+    handler = getattr(args, "handler", None) or getattr(commands, args.command)
     try:
         return handler(args)
     except UsageError as error:

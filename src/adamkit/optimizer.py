@@ -25,8 +25,10 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from . import validation
+from . import storage, validation
+from .engines import fused_cpu
 from .engines.reference import ReferenceEngine
+from .storage import BlockQuantized
 
 Tensor = torch.Tensor
 
@@ -45,11 +47,15 @@ class Optimizer(torch.optim.Optimizer):
     """Base class of every adamkit optimizer (a ``torch.optim.Optimizer``).
 
     Args common to all optimizers (keyword-only):
-        backend: ``"auto"`` (the fastest engine that can run), ``"reference"`` (torch ops on
-            whole tensors, any device) or ``"fused"``.
+        backend: ``"auto"`` (the fastest engine that can run: the fused CPU engine for
+            contiguous float32/float64/bfloat16 CPU tensors when numba is installed, the
+            reference engine otherwise), ``"reference"`` (torch ops on whole tensors, any
+            device) or ``"fused"`` (a ``ValueError`` where it cannot run: without numba, or for
+            CUDA, complex or non-contiguous parameters).
         state_dtype: ``None`` keeps state in the parameter's dtype (torch's behaviour);
             ``"float32"`` or ``"bfloat16"`` store it in that dtype (the rule still computes in
-            float32, float64 for float64 parameters).
+            float32, float64 for float64 parameters); ``"int8"`` keeps state of 4096 elements
+            or more as 8-bit blockwise codes (:mod:`adamkit.storage`).
         on_nonfinite: what a step does when any gradient holds NaN or +-Inf: ``"apply"``
             (torch's behaviour: the step goes ahead), ``"skip"`` (nothing changes, not even step
             counts; ``skipped_steps`` goes up and a warning is issued once) or ``"raise"``
@@ -60,6 +66,12 @@ class Optimizer(torch.optim.Optimizer):
     checks: ClassVar[dict[str, validation.Check]] = {}
     slot_names: ClassVar[tuple[str, ...]] = ()
     supports_complex: ClassVar[bool] = False
+    #: slots that are never negative (second moments, accumulators): 8-bit state uses the
+    #: unsigned code map for them, the signed one for the others
+    nonnegative_slots: ClassVar[tuple[str, ...]] = ()
+    #: 8-bit state is stored with stochastic rounding (unbiased moving averages); set False on
+    #: an instance to round to nearest (both engines then agree bit for bit)
+    round_int8_stochastically: bool = True
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
     sparse_note: ClassVar[str] = ""
@@ -77,6 +89,9 @@ class Optimizer(torch.optim.Optimizer):
         fill = self.slot_fill(group, name)
         if p.is_complex():
             return torch.full_like(p, complex(fill, fill), memory_format=torch.preserve_format)
+        if self.state_dtype == "int8":
+            return storage.make_state("int8", p, p.shape, fill,
+                                      signed=name not in self.nonnegative_slots)
         dtype = _STORAGE.get(self.state_dtype, p.dtype)
         return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
@@ -109,15 +124,11 @@ class Optimizer(torch.optim.Optimizer):
         validation.choice(*BACKENDS)("backend", backend)
         validation.choice(*STATE_DTYPES)("state_dtype", state_dtype)
         validation.choice(*ON_NONFINITE)("on_nonfinite", on_nonfinite)
-        if backend == "fused":
+        if backend == "fused" and not fused_cpu.available():
             raise ValueError(
-                "backend='fused' is not available in this version of adamkit; "
-                "use backend='auto' or backend='reference'"
-            )
-        if state_dtype == "int8":
-            raise ValueError(
-                "state_dtype='int8' is not available in this version of adamkit; "
-                "use None, 'float32' or 'bfloat16'"
+                "backend='fused' needs numba, which could not be imported "
+                f"({fused_cpu.unavailable_reason()}); install adamkit[fused] or use "
+                "backend='auto'"
             )
         self.backend = backend
         self.state_dtype = state_dtype
@@ -183,6 +194,14 @@ class Optimizer(torch.optim.Optimizer):
                         f"state_dtype={self.state_dtype!r} is not supported for complex "
                         "parameters; use state_dtype=None"
                     )
+                if self.backend == "fused":
+                    reason = fused_cpu.unsupported_reason(p)
+                    if reason is not None:
+                        raise ValueError(
+                            f"backend='fused' cannot update parameter {i} of param group "
+                            f"{len(self.param_groups) - 1} (shape {tuple(p.shape)}): {reason}; "
+                            "use backend='auto' to fall back to the reference engine"
+                        )
         except Exception:
             self.param_groups.pop()  # an invalid group must leave the optimizer as it was
             raise
@@ -201,19 +220,25 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.on_nonfinite != "apply" and not self._gradients_finite():
             return loss
-        for group in self.param_groups:
-            for p in group["params"]:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    self._step_parameter(group, p)
+                    self._step_parameter(group, p, (gi, pi))
         return loss
 
     def _gradients_finite(self) -> bool:
         flags = []
+        fast = self.backend != "reference" and fused_cpu.available()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     g = p.grad._values() if p.grad.is_sparse else p.grad
-                    flags.append(torch.isfinite(g).all())
+                    if fast and fused_cpu.unsupported_reason(g) is None \
+                            and g.dtype != torch.bfloat16:
+                        # one parallel read, no temporary (torch.isfinite allocates a mask)
+                        flags.append(torch.tensor(fused_cpu.all_finite(g)))
+                    else:
+                        flags.append(torch.isfinite(g).all())
         if not flags or bool(torch.stack(flags).all()):
             return True
         if self.on_nonfinite == "raise":
@@ -243,7 +268,30 @@ class Optimizer(torch.optim.Optimizer):
     def _engine(self, p: Tensor):
         return ReferenceEngine(p.dtype)
 
-    def _step_parameter(self, group: dict, p: Tensor) -> None:
+    def _fused_blocker(self, p: Tensor, grad: Tensor, slots: dict) -> str | None:
+        """Why this step of ``p`` cannot run on the fused engine (None: it can)."""
+        if not fused_cpu.available():
+            return "numba is not installed"
+        reason = fused_cpu.unsupported_reason(p)
+        if reason is not None:
+            return f"the parameter: {reason}"
+        if grad.is_sparse:
+            if grad.dtype != p.dtype:
+                return f"its gradient's dtype is {grad.dtype}"
+        else:
+            reason = fused_cpu.unsupported_reason(grad)
+            if reason is not None:
+                return f"its gradient: {reason}"
+            if grad.dtype != p.dtype or grad.shape != p.shape:
+                return f"its gradient is {grad.dtype} {tuple(grad.shape)}"
+        for name, value in slots.items():
+            if isinstance(value, Tensor):
+                reason = fused_cpu.unsupported_reason(value)
+                if reason is not None:
+                    return f"its state {name!r}: {reason}"
+        return None
+
+    def _step_parameter(self, group: dict, p: Tensor, where: tuple[int, int] = (0, 0)) -> None:
         grad = p.grad
         if grad.is_sparse:
             if not self.sparse_ok(group):
@@ -261,17 +309,47 @@ class Optimizer(torch.optim.Optimizer):
                 state[name] = self.new_slot(group, p, name)
         if p.numel() == 0:
             return
-        if group["maximize"]:
-            grad = -grad
         slots = {name: state[name] for name in names}
+        fused = False
+        if self.backend != "reference":
+            blocker = self._fused_blocker(p, grad, slots)
+            if blocker is not None and self.backend == "fused":
+                raise ValueError(
+                    f"backend='fused' cannot update parameter {where[1]} of param group "
+                    f"{where[0]} (shape {tuple(p.shape)}): {blocker}; use backend='auto' to "
+                    "fall back to the reference engine"
+                )
+            fused = blocker is None
+        # 8-bit state is decoded and encoded inside the fused pass; every other path works on
+        # float32 copies that are encoded back afterwards.
+        quantized = {k: v for k, v in slots.items() if isinstance(v, BlockQuantized)}
+        if quantized and (not fused or grad.is_sparse):
+            slots.update({k: v.dequantize() for k, v in quantized.items()})
+        else:
+            quantized = {}
+        # seeds stochastic rounding of 8-bit state: deterministic, different every step
+        seed = (int(float(state.get("step", 0))) * 0x9E3779B1 + p.numel()) & 0x3FFFFFFF
+        if group["maximize"] and (grad.is_sparse or not fused):
+            grad = -grad
+        if fused:
+            # maximize costs no extra pass: the kernel reads the gradient with its sign flipped
+            engine = fused_cpu.FusedEngine(
+                p.dtype, negate=grad if group["maximize"] and not grad.is_sparse else None,
+                seed=seed, stochastic_int8=self.round_int8_stochastically)
+        else:
+            # complex parameters run as real views: the engine computes in their real dtype
+            engine = self._engine(torch.view_as_real(p) if p.is_complex() else p)
         if grad.is_sparse:
-            self._apply_sparse(self._engine(p), s, p, grad, slots)
-            return
-        if p.is_complex():
+            self._apply_sparse(engine, s, p, grad, slots)
+        elif p.is_complex():
             p = torch.view_as_real(p)
             grad = torch.view_as_real(grad)
             slots = {k: torch.view_as_real(v) if v.is_complex() else v for k, v in slots.items()}
-        self.apply(self._engine(p), s, p, grad, slots)
+            self.apply(engine, s, p, grad, slots)
+        else:
+            self.apply(engine, s, p, grad, slots)
+        for i, (k, q) in enumerate(quantized.items()):
+            q.copy_(slots[k], seed=seed + i if self.round_int8_stochastically else None)
 
     def _apply_sparse(self, engine, s, p: Tensor, grad: Tensor, slots: dict[str, Tensor]) -> None:
         # The rule runs on the rows the gradient touches; other rows and their state are left
@@ -306,16 +384,16 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # torch casts loaded state to the parameter's dtype; restore the chosen storage dtype.
-        storage = _STORAGE.get(self.state_dtype)
-        if storage is None:
-            return
+        # torch casts loaded floating state to the parameter's dtype and keeps other values as
+        # they are; convert every slot to this optimizer's storage (8-bit codes <-> floats).
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p, {})
                 for name in self.state_slots(group, p):
-                    if name in state and state[name].dtype != storage:
-                        state[name] = state[name].to(storage)
+                    if name in state:
+                        state[name] = storage.convert(
+                            state[name], self.state_dtype, p,
+                            signed=name not in self.nonnegative_slots)
 
     # ---- helpers for algorithms ---------------------------------------------------------
     @staticmethod

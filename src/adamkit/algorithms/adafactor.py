@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import storage
 from .. import validation as v
 from ..engines.ops import lerp, maximum, sqrt
 from ..optimizer import Optimizer
@@ -86,6 +87,7 @@ class Adafactor(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("row_var", "col_var", "variance")
+    nonnegative_slots = ("row_var", "col_var", "variance")
 
     def __init__(
         self,
@@ -114,8 +116,7 @@ class Adafactor(Optimizer):
             return super().new_slot(group, p, name)
         shape = list(p.shape)
         shape[-1 if name == "row_var" else -2] = 1
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(self.state_dtype, p.dtype)
-        return torch.zeros(shape, dtype=dtype, device=p.device)
+        return storage.make_state(self.state_dtype, p, shape, 0.0, signed=False)
 
     def scalars(self, group, state) -> AdafactorScalars:
         t = self.advance_step(state)

@@ -74,6 +74,7 @@ class FAdam(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "fim")
+    nonnegative_slots = ("fim",)
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ class NAdam(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq")
+    nonnegative_slots = ("exp_avg_sq",)
     supports_complex = True
 
     def __init__(

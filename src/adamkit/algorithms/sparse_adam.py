@@ -40,6 +40,7 @@ class SparseAdam(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq")
+    nonnegative_slots = ("exp_avg_sq",)
     requires_sparse = True
     sparse_note = "SparseAdam"
 

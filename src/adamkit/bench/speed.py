@@ -1,0 +1,448 @@
+"""``adamkit speed``: time each optimizer's step on a realistic parameter set.
+
+Builds the tensor shapes of a real model (``--shapes gpt2`` for GPT-2 small, ``resnet18``, or
+``uniform``), shrunk by ``--scale``, gives every tensor a random float32 gradient, and times
+``optimizer.step()``: the median of ``--steps`` steps after ``--warmup`` untimed ones. Printed
+(and written with ``--json FILE``): the machine's copy bandwidth first, then one row per
+optimizer, engine and state dtype with
+
+* ms/step and million parameters per second;
+* bytes/param: the bytes the algorithm must move per parameter and step, counted by running
+  one step of the algorithm's own program through a counting engine (every ``map`` reads its
+  inputs and writes its outputs once; a two-pass rule counts both passes). Adam in float32
+  counts 28, AMSGrad 36, Lion 20;
+* effective GB/s = bytes/param x parameters / step time;
+* ``x fusedAdamW``: step time relative to ``torch.optim.AdamW(fused=True)`` measured in the
+  same process on the same parameters (below 1 is faster);
+* state B/param: bytes of optimizer state per parameter (float32 Adam: 8).
+
+``--compare`` adds torch.optim's foreach (and fused) implementations of the same algorithms and,
+when they are installed, the ``pytorch-optimizer`` package and bitsandbytes' 8-bit optimizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+import adamkit
+from adamkit import storage
+from adamkit.engines.reference import ReferenceEngine
+from adamkit.registry import OPTIMIZERS
+
+Tensor = torch.Tensor
+
+# ---- parameter sets ------------------------------------------------------------------------
+
+
+def gpt2_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small (124M parameters): embeddings, 12 blocks, final layer norm."""
+    d, vocab, ctx = 768, 50257, 1024
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
+                   (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """ResNet-18 for ImageNet (11.7M parameters): convolutions, batch norms, classifier."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            first_in = in_ch if block == 0 else out_ch
+            shapes += [(out_ch, first_in, 3, 3), (out_ch,), (out_ch,),
+                       (out_ch, out_ch, 3, 3), (out_ch,), (out_ch,)]
+            if block == 0 and (stride != 1 or in_ch != out_ch):
+                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
+        in_ch = out_ch
+    return shapes + [(1000, 512), (1000,)]
+
+
+def uniform_shapes() -> list[tuple[int, ...]]:
+    """64 tensors of 2**20 elements."""
+    return [(1 << 20,)] * 64
+
+
+SHAPES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "gpt2": gpt2_shapes, "resnet18": resnet18_shapes, "uniform": uniform_shapes,
+}
+
+
+def scaled(shapes: list[tuple[int, ...]], scale: float) -> list[tuple[int, ...]]:
+    """Shrink every tensor's first dimension by ``scale`` (at least 1), keeping the count."""
+    if scale == 1.0:
+        return list(shapes)
+    return [(max(1, round(s[0] * scale)), *s[1:]) for s in shapes]
+
+
+def make_parameters(shapes, dtype=torch.float32, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype).mul_(0.02)
+        p.requires_grad_(True)
+        p.grad = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype).mul_(0.01)
+        params.append(p)
+    return params
+
+
+# ---- what an algorithm moves ---------------------------------------------------------------
+
+
+class CountingEngine(ReferenceEngine):
+    """A reference engine that also counts the bytes each ``map`` reads and writes."""
+
+    def __init__(self, dtype):
+        super().__init__(dtype)
+        self.bytes = 0
+
+    def map(self, fn, s, ins, outs, n_sums=0):
+        # only the traffic matters here, not the values
+        for t in list(ins) + [o for o in outs if o is not None]:
+            self.bytes += storage.state_nbytes(t)
+        return [1.0] * n_sums
+
+    def mean_sq_last_dims(self, x):
+        self.bytes += storage.state_nbytes(x)
+        return super().mean_sq_last_dims(x)
+
+
+def bytes_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
+                    shape=(64, 4096)) -> float:
+    """Bytes per parameter that one step of ``name`` moves, from its own ``apply`` program."""
+    cls = OPTIMIZERS[name]
+    p = torch.zeros(shape, requires_grad=True)
+    p.grad = torch.ones(shape)
+    opt = cls([p], backend="reference", state_dtype=state_dtype, **(kwargs or {}))
+    group = opt.param_groups[0]
+    engine = CountingEngine(p.dtype)
+    state = opt.state[p]
+    s = opt.scalars(group, state)
+    slots = {}
+    for slot in opt.state_slots(group, p):
+        if slot not in state:
+            state[slot] = opt.new_slot(group, p, slot)
+        slots[slot] = state[slot]
+    with torch.no_grad():
+        opt.apply(engine, s, p.detach(), p.grad, slots)
+    return engine.bytes / p.numel()
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if key != "step" and not (isinstance(value, Tensor) and value.dim() == 0):
+                total += storage.state_nbytes(value)
+    return total
+
+
+# ---- timing --------------------------------------------------------------------------------
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 7) -> float:
+    """Measured copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(times) / 1e9
+
+
+def time_steps(opt, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@dataclass
+class Row:
+    optimizer: str
+    implementation: str  # "adamkit", "torch", "pytorch-optimizer", "bitsandbytes"
+    engine: str  # "fused", "reference", "foreach", "fused (torch)", ...
+    state_dtype: str
+    ms_per_step: float
+    mparams_per_s: float
+    bytes_per_param: float
+    effective_gbps: float
+    ratio_to_torch_fused_adamw: float
+    state_bytes_per_param: float
+    samples_ms: list[float] = field(default_factory=list)
+
+
+TORCH_EQUIVALENTS = {  # adamkit name -> (torch.optim class name, kwargs), foreach only
+    "adam": ("Adam", {}), "adamw": ("AdamW", {}), "adagrad": ("Adagrad", {}),
+    "rmsprop": ("RMSprop", {}), "nadam": ("NAdam", {}), "radam": ("RAdam", {}),
+    "adamax": ("Adamax", {}), "sgd": ("SGD", {"momentum": 0.9}), "adafactor": ("Adafactor", {}),
+}
+TORCH_FUSED = {"adam", "adamw", "sgd", "adagrad"}
+PYTORCH_OPTIMIZER = {  # adamkit name -> pytorch_optimizer class name
+    "adabelief": "AdaBelief", "adabound": "AdaBound", "adamod": "AdaMod", "lion": "Lion",
+    "radam": "RAdam", "adamw": "AdamW", "nadam": "NAdam", "adafactor": "AdaFactor",
+    "fadam": "FAdam", "adamax": "AdaMax",
+}
+ADAMKIT_KWARGS = {"sgd": {"momentum": 0.9}}  # the benchmarked configuration
+
+
+def default_optimizers() -> list[str]:
+    return [n for n in sorted(OPTIMIZERS) if not OPTIMIZERS[n].requires_sparse]
+
+
+def _row(name, implementation, engine, state_dtype, times, n_params, nbytes, baseline_s,
+         state_nbytes) -> Row:
+    median = statistics.median(times)
+    return Row(
+        optimizer=name, implementation=implementation, engine=engine, state_dtype=state_dtype,
+        ms_per_step=median * 1e3, mparams_per_s=n_params / median / 1e6,
+        bytes_per_param=nbytes, effective_gbps=nbytes * n_params / median / 1e9,
+        ratio_to_torch_fused_adamw=median / baseline_s if baseline_s else math.nan,
+        state_bytes_per_param=state_nbytes / n_params, samples_ms=[t * 1e3 for t in times],
+    )
+
+
+def run_benchmark(args, out=print) -> dict:
+    shapes = scaled(SHAPES[args.shapes](), args.scale)
+    params = make_parameters(shapes)
+    n_params = sum(p.numel() for p in params)
+    copy_gbps = copy_bandwidth()
+    out(f"copy bandwidth: {copy_gbps:.1f} GB/s (torch copy_ of 256 MiB, read + write)")
+    out(f"parameters: {n_params / 1e6:.2f} M in {len(params)} tensors "
+        f"(--shapes {args.shapes} --scale {args.scale}); median of {args.steps} steps after "
+        f"{args.warmup} warm-up steps; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads")
+    originals = [p.detach().clone() for p in params]
+
+    def reset():
+        with torch.no_grad():
+            for p, o in zip(params, originals):
+                p.copy_(o)
+
+    def measure(make) -> tuple[list[float], int]:
+        reset()
+        opt = make()
+        times = time_steps(opt, args.steps, args.warmup)
+        nbytes = state_bytes(opt)
+        del opt
+        gc.collect()
+        return times, nbytes
+
+    baseline: list[float] = []
+
+    def torch_fused_adamw():
+        return torch.optim.AdamW(params, fused=True)
+
+    times, base_state = measure(torch_fused_adamw)
+    baseline += times
+    rows: list[Row] = []
+    plans: list[tuple] = []
+    for name in args.optimizers:
+        for state_dtype in args.state_dtype:
+            plans.append(("adamkit", name, state_dtype))
+        if args.compare:
+            if name in TORCH_EQUIVALENTS:
+                plans.append(("torch-foreach", name, None))
+            if name in TORCH_FUSED:
+                plans.append(("torch-fused", name, None))
+            if name in PYTORCH_OPTIMIZER:
+                plans.append(("pytorch-optimizer", name, None))
+            if name in ("adam", "adamw"):
+                plans.append(("bitsandbytes", name, None))
+    results = []
+    for kind, name, state_dtype in plans:
+        kwargs = ADAMKIT_KWARGS.get(name, {})
+        nbytes = bytes_per_param(name, state_dtype if kind == "adamkit" else None, kwargs)
+        if kind == "adamkit":
+            def make(name=name, state_dtype=state_dtype, kwargs=kwargs):
+                return adamkit.create(name, params, backend=args.backend,
+                                      state_dtype=None if state_dtype == "float32"
+                                      else state_dtype, **kwargs)
+            engine = args.backend
+            if args.backend == "auto":
+                from adamkit.engines import fused_cpu
+                engine = "fused" if fused_cpu.available() else "reference"
+            label = ("adamkit", engine, state_dtype)
+        elif kind.startswith("torch"):
+            cls_name, tkw = TORCH_EQUIVALENTS[name]
+            cls = getattr(torch.optim, cls_name, None)
+            if cls is None:
+                continue
+            flag = {"fused": True} if kind == "torch-fused" else {"foreach": True}
+            if cls_name == "Adafactor":
+                flag = {"foreach": True}
+
+            def make(cls=cls, tkw=tkw, flag=flag):
+                return cls(params, **tkw, **flag)
+            label = ("torch", kind.split("-")[1], "float32")
+        elif kind == "pytorch-optimizer":
+            try:
+                import pytorch_optimizer
+            except ImportError:
+                continue
+            cls = getattr(pytorch_optimizer, PYTORCH_OPTIMIZER[name], None)
+            if cls is None:
+                continue
+
+            def make(cls=cls):
+                return cls(params)
+            label = ("pytorch-optimizer", "torch ops", "float32")
+        else:  # bitsandbytes
+            try:
+                import bitsandbytes as bnb
+            except Exception:
+                continue
+            cls = getattr(bnb.optim, "AdamW8bit" if name == "adamw" else "Adam8bit")
+
+            def make(cls=cls):
+                return cls(params)
+            label = ("bitsandbytes", "8-bit", "int8")
+            nbytes = bytes_per_param(name, "int8", kwargs)
+        try:
+            times, state_nbytes = measure(make)
+        except Exception as error:  # a comparison library that cannot run here
+            out(f"  {label[0]} {name}: skipped ({type(error).__name__}: {error})")
+            continue
+        results.append((name, label, times, nbytes, state_nbytes))
+    times, _ = measure(torch_fused_adamw)
+    baseline += times
+    base_s = statistics.median(baseline)
+    rows.append(_row("adamw", "torch", "fused (torch)", "float32", baseline, n_params, 28.0,
+                     base_s, base_state))
+    for name, (impl, engine, sd), times, nbytes, state_nbytes in results:
+        rows.append(_row(name, impl, engine, sd, times, n_params, nbytes, base_s, state_nbytes))
+    out("")
+    out(format_table(rows))
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+                    "torch": torch.__version__},
+        "copy_gbps": copy_gbps, "shapes": args.shapes, "scale": args.scale,
+        "n_params": n_params, "n_tensors": len(params), "steps": args.steps,
+        "warmup": args.warmup, "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("optimizer", "impl", "engine", "state", "ms/step", "Mparam/s", "B/param",
+              "eff GB/s", "x fusedAdamW", "state B/param")
+    lines = [header]
+    for r in rows:
+        lines.append((r.optimizer, r.implementation, r.engine, r.state_dtype,
+                      f"{r.ms_per_step:.2f}", f"{r.mparams_per_s:.0f}", f"{r.bytes_per_param:.1f}",
+                      f"{r.effective_gbps:.1f}", f"{r.ratio_to_torch_fused_adamw:.2f}",
+                      f"{r.state_bytes_per_param:.2f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = []
+    for k, line in enumerate(lines):
+        text.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                              for i, (c, w) in enumerate(zip(line, widths))))
+        if k == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+def _names(text: str) -> list[str]:
+    if text == "all":
+        return default_optimizers()
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown optimizer {n!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
+        if OPTIMIZERS[n].requires_sparse:
+            raise argparse.ArgumentTypeError(f"{n} needs sparse gradients; not benchmarked here")
+    return names
+
+
+def _state_dtypes(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    for v in values:
+        if v not in ("float32", "bfloat16", "int8"):
+            raise argparse.ArgumentTypeError(
+                f"invalid state dtype {v!r}; valid: float32, bfloat16, int8")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="gpt2",
+                        help="parameter shapes: GPT-2 small (124M), ResNet-18 (11.7M) or 64 "
+                             "tensors of 1M (default gpt2)")
+    parser.add_argument("--scale", type=_positive_float, default=1.0,
+                        help="multiply every tensor's first dimension by this (default 1)")
+    parser.add_argument("--optimizers", type=_names, default=default_optimizers(),
+                        help="comma-separated optimizer names, or 'all' (default: all that take "
+                             "dense gradients)")
+    parser.add_argument("--state-dtype", type=_state_dtypes, default=["float32"],
+                        help="comma-separated state storage: float32, bfloat16, int8 "
+                             "(default float32)")
+    parser.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
+                        help="adamkit engine (default auto)")
+    parser.add_argument("--steps", type=_positive_int, default=10,
+                        help="timed steps; the median is reported (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time torch.optim's foreach/fused versions and, if installed, "
+                             "pytorch-optimizer and bitsandbytes")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_benchmark(args)
+    if args.json:
+        # temporary file then rename: an interrupted write never leaves a truncated file
+        tmp = f"{args.json}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="adamkit speed",
+        description="Time each optimizer's step on a realistic parameter set and print "
+                    "ms/step, effective memory bandwidth and the ratio to torch's fused AdamW.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

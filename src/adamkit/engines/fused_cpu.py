@@ -1,0 +1,675 @@
+"""The fused CPU engine: one multithreaded pass over memory per ``map``, compiled with Numba.
+
+It runs the same primitives as :class:`~adamkit.engines.reference.ReferenceEngine`
+(``map(fn, s, ins, outs, n_sums)`` and ``mean_sq_last_dims``) but evaluates ``fn`` element by
+element inside a generated ``numba.prange`` loop: every input is read once, every output written
+once, the per-tensor sums are parallel reductions, and stored formats (bfloat16, 8-bit blockwise
+codes) are decoded on load and encoded on store inside the same loop.
+
+How a kernel is made from a rule
+--------------------------------
+The rule (``Adam.update``, FAdam's ``_fisher_pass``, ...) is compiled from its own source, which
+is copied into a generated kernel module with one mechanical change: wherever an element value
+meets a Python scalar (a field of ``s`` or a literal) the scalar is rounded to the element's
+compute type first (``_E(...)``). That is exactly torch's rule for ``tensor op python_scalar``
+(the scalar takes the tensor's dtype) and it keeps float32 rules in float32 arithmetic, which on
+CPU is twice as fast as letting Numba promote everything to float64. Helpers from
+:mod:`adamkit.engines.ops` compile through the overloads in :mod:`adamkit.engines.numba_ops`;
+plain functions of the rule's own module that the rule calls (Adafactor's ``_scaled_update``)
+are copied the same way. No formula lives in this file.
+
+One kernel is generated per (function, operand formats, outputs, sums, compute dtype, layout).
+Fields of ``s`` are runtime values (flags are loop-invariant branches). Kernels are written as
+Python modules into the kernel cache directory and compiled with ``cache=True``, so a later
+process loads machine code instead of compiling: ``$ADAMKIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/adamkit/kernels``, else ``~/.cache/adamkit/kernels``. File names carry a hash of
+the generated source, of the rule's module and of this engine, so editing a rule never runs a
+stale kernel.
+
+Coverage: CPU tensors of dtype float32, float64 or bfloat16 (computed in float32), contiguous.
+Operands of ``map`` may also be Python numbers (broadcast), ``None`` (an inactive slot) and
+:class:`adamkit.storage.BlockQuantized` state. Inputs that broadcast against each other
+(Adafactor's factored second moment) use a strided variant. Anything else (non-contiguous or
+complex tensors, CUDA) is the reference engine's job; the front end decides that per parameter.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import hashlib
+import importlib.util
+import inspect
+import math
+import os
+import sys
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import ops
+from .reference import ReferenceEngine, compute_dtype
+
+Tensor = torch.Tensor
+
+#: bump when the generated code changes in a way the hashed sources do not show
+KERNEL_FORMAT = 4
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+_numba_state: dict = {}
+_lock = threading.RLock()
+
+
+def available() -> bool:
+    """Whether numba can be imported (the fused engine's only extra dependency)."""
+    if "ok" not in _numba_state:
+        try:
+            import numba
+
+            from . import numba_ops  # noqa: F401  (registers the overloads)
+
+            if "NUMBA_THREADING_LAYER" not in os.environ:
+                # Numba's OpenMP layer shares the machine with torch's OpenMP pool, whose
+                # threads spin after each torch op: on a small machine every kernel launch then
+                # waits milliseconds for a core. The workqueue layer does not spin.
+                numba.config.THREADING_LAYER = "workqueue"
+
+            _numba_state["ok"] = True
+        except Exception as error:  # ImportError, or a broken numba/llvmlite install
+            _numba_state["ok"] = False
+            _numba_state["error"] = f"{type(error).__name__}: {error}"
+    return _numba_state["ok"]
+
+
+def unavailable_reason() -> str:
+    available()
+    return _numba_state.get("error", "")
+
+
+def cache_dir() -> Path:
+    """Where generated kernel modules and Numba's compiled code are kept."""
+    if os.environ.get("ADAMKIT_CACHE_DIR"):
+        return Path(os.environ["ADAMKIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "adamkit" / "kernels"
+
+
+def unsupported_reason(t: Tensor) -> str | None:
+    """Why the fused engine cannot update tensor ``t`` in place, or None if it can."""
+    if t.device.type != "cpu":
+        return f"it is on device {t.device} (the fused engine runs on CPU)"
+    if t.is_complex():
+        return f"its dtype is {t.dtype} (complex parameters use the reference engine)"
+    if t.dtype not in SUPPORTED_DTYPES:
+        return f"its dtype is {t.dtype} (the fused engine takes float32, float64 and bfloat16)"
+    if t.is_sparse:
+        return "it is sparse"
+    if not t.is_contiguous():
+        return "it is not contiguous"
+    return None
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether a contiguous float32/float64 CPU tensor holds no NaN or Inf (one parallel pass)."""
+    from . import numba_ops
+
+    if t.numel() == 0:
+        return True
+    return bool(numba_ops.all_finite(t.detach().reshape(-1).numpy()))
+
+
+class KernelUnsupported(Exception):
+    """A map whose operands the generated kernels do not cover (the engine falls back)."""
+
+
+# ---- rule source -> kernel source ---------------------------------------------------------
+
+
+def _function_ast(fn: Callable) -> ast.FunctionDef:
+    source = textwrap.dedent(inspect.getsource(fn))
+    tree = ast.parse(source)
+    node = tree.body[0]
+    if not isinstance(node, ast.FunctionDef):
+        raise KernelUnsupported(f"{fn.__qualname__} is not a plain function")
+    node.decorator_list = []
+    node.returns = None
+    for arg in node.args.args:
+        arg.annotation = None
+    return node
+
+
+class _ElementCasts(ast.NodeTransformer):
+    """Round Python scalars to the element type where they meet element values.
+
+    A value is an *element* value when it depends on a per-element argument (every argument
+    after the first, the scalar namespace ``s``). Locals are classified by a fixpoint over their
+    assignments.
+    """
+
+    def __init__(self, fn_node: ast.FunctionDef, local_functions: set[str]):
+        self.local_functions = local_functions
+        self.elements = {a.arg for a in fn_node.args.args[1:]}
+        assigns: list[tuple[str, ast.AST]] = []
+        for node in ast.walk(fn_node):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    for name in self._target_names(target):
+                        assigns.append((name, node.value))
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and node.value is not None:
+                for name in self._target_names(node.target):
+                    assigns.append((name, node.value))
+        changed = True
+        while changed:
+            changed = False
+            for name, value in assigns:
+                if name not in self.elements and self.is_element(value):
+                    self.elements.add(name)
+                    changed = True
+
+    @staticmethod
+    def _target_names(target) -> list[str]:
+        if isinstance(target, ast.Name):
+            return [target.id]
+        if isinstance(target, (ast.Tuple, ast.List)):
+            return [n for elt in target.elts for n in _ElementCasts._target_names(elt)]
+        return []
+
+    def is_element(self, node) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id in self.elements
+        if isinstance(node, ast.Constant):
+            return False
+        if isinstance(node, ast.Attribute):
+            return self.is_element(node.value)
+        if isinstance(node, ast.Call):
+            return any(self.is_element(a) for a in node.args)
+        return any(self.is_element(child) for child in ast.iter_child_nodes(node))
+
+    @staticmethod
+    def _cast(node):
+        return ast.Call(func=ast.Name(id="_E", ctx=ast.Load()), args=[node], keywords=[])
+
+    def _mixed(self, nodes: list) -> list:
+        if any(self.is_element(n) for n in nodes):
+            return [n if self.is_element(n) else self._cast(n) for n in nodes]
+        return nodes
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        node.left, node.right = self._mixed([node.left, node.right])
+        if isinstance(node.op, ast.Pow) and self.is_element(node.left):
+            # element ** scalar: torch's pow takes fast paths (0.5 -> sqrt, 2 -> square, ...)
+            return ast.Call(func=ast.Name(id="_pow", ctx=ast.Load()),
+                            args=[node.left, node.right], keywords=[])
+        return node
+
+    def visit_Compare(self, node):
+        self.generic_visit(node)
+        parts = self._mixed([node.left, *node.comparators])
+        node.left, node.comparators = parts[0], parts[1:]
+        return node
+
+    def visit_IfExp(self, node):
+        self.generic_visit(node)
+        node.body, node.orelse = self._mixed([node.body, node.orelse])
+        return node
+
+    def visit_Assign(self, node):
+        self.generic_visit(node)
+        names = [n for t in node.targets for n in self._target_names(t)]
+        if isinstance(node.targets[0], ast.Name) and names[0] in self.elements:
+            if not self.is_element(node.value):
+                node.value = self._cast(node.value)
+        return node
+
+    def visit_AugAssign(self, node):
+        self.generic_visit(node)
+        if self.is_element(node.target) and not self.is_element(node.value):
+            node.value = self._cast(node.value)
+        return node
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        # arguments of the rule module's own helpers are element values (as in the caller)
+        if isinstance(node.func, ast.Name) and node.func.id in self.local_functions:
+            node.args = node.args[:1] + [
+                a if self.is_element(a) else self._cast(a) for a in node.args[1:]
+            ]
+        return node
+
+
+def _free_names(node: ast.FunctionDef) -> set[str]:
+    bound = {a.arg for a in node.args.args}
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+            bound.add(sub.id)
+    loads = {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name)
+             and isinstance(sub.ctx, ast.Load)}
+    return loads - bound
+
+
+def _translate(fn: Callable, name: str) -> tuple[str, list[str], list[str]]:
+    """Source of ``fn`` (and of the same-module helpers it calls) with element casts.
+
+    Returns (functions source, import lines, module sources hashed into the kernel name).
+    """
+    module = sys.modules[fn.__module__]
+    ops_names = {k for k, v in vars(ops).items() if callable(v) and getattr(v, "__module__", "")
+                 == ops.__name__}
+    todo = [(fn, name)]
+    done: dict[str, str] = {}
+    imports: set[str] = set()
+    while todo:
+        func, fname = todo.pop()
+        if fname in done:
+            continue
+        node = _function_ast(func)
+        node.name = fname
+        free = _free_names(node)
+        local_functions = set()
+        for ref in sorted(free):
+            if ref in ("_E", "_pow") or (ref not in func.__globals__ and hasattr(builtins, ref)):
+                continue
+            value = func.__globals__.get(ref)
+            if value is None:
+                raise KernelUnsupported(f"{func.__qualname__}: unknown global {ref!r}")
+            if ref in ops_names and value is getattr(ops, ref):
+                imports.add(f"from adamkit.engines.ops import {ref}")
+            elif inspect.ismodule(value) and value.__name__ in ("math", "numpy"):
+                imports.add(f"import {value.__name__} as {ref}")
+            elif inspect.isfunction(value) and value.__module__ == func.__module__:
+                local_functions.add(ref)
+                todo.append((value, ref))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                imports.add(f"{ref} = {value!r}")
+            else:
+                raise KernelUnsupported(
+                    f"{func.__qualname__}: global {ref!r} cannot be compiled by the fused engine")
+        node = _ElementCasts(node, local_functions).visit(node)
+        ast.fix_missing_locations(node)
+        decorator = '@numba.njit(error_model="numpy")\n'
+        done[fname] = decorator + ast.unparse(node)
+    module_source = inspect.getsource(module)
+    return "\n\n\n".join(done[k] for k in sorted(done)), sorted(imports), [module_source]
+
+
+# operand formats: "f32" / "f64" float arrays, "b16" bfloat16 bits in int16, "q8s" / "q8u"
+# 8-bit blockwise codes with one absmax per block, "num" a Python number, "none" no operand
+_FLOAT_ARRAYS = ("f32", "f64", "b16")
+BLOCK = 256
+GROUP = 64  # blocks per parallel work item of the blockwise layout
+
+
+def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kinds: Sequence[str],
+                   stores: Sequence[tuple[int, int]], n_sums: int, n_results: int, dtype: str,
+                   layout: str) -> str:
+    """Generate the kernel module. ``stores``: (result index, input index) pairs."""
+    E = "np.float32" if dtype == "float32" else "np.float64"
+    args = ["sv", "n", "seed", "sr_b16", "sr_q8"]
+    if layout == "bcast":
+        args += ["nb_", "nn_", "nm_"]
+    for j, kind in enumerate(kinds):
+        if kind in _FLOAT_ARRAYS:
+            args += [f"a{j}", f"sg{j}"]
+        elif kind in ("q8s", "q8u"):
+            args += [f"a{j}", f"x{j}"]
+        elif kind == "num":
+            args.append(f"c{j}")
+        if layout == "bcast" and kind in _FLOAT_ARRAYS:
+            args += [f"st{j}_0", f"st{j}_1", f"st{j}_2"]
+
+    def load(j, kind, index):
+        if kind in ("f32", "f64"):
+            return f"_E(a{j}[{index}]) * _E(sg{j})"
+        if kind == "b16":
+            return f"_E(_bf16_decode(a{j}[{index}])) * _E(sg{j})"
+        if kind == "q8s":
+            return f"_E(_signed_decode(a{j}[{index}], u{j}))"
+        if kind == "q8u":
+            return f"_E(_unsigned_decode(a{j}[{index}], u{j}))"
+        if kind == "num":
+            return f"_E(c{j})"
+        return "_E(0.0)"
+
+    def index(j, flat_index):
+        if layout == "bcast" and kinds[j] in _FLOAT_ARRAYS:
+            return f"np.uint64(bb * st{j}_0 + jj * st{j}_1) + kk * np.uint64(st{j}_2)"
+        return flat_index
+
+    def body(ind, flat_index):
+        call_args = ", ".join(load(j, k, index(j, flat_index)) for j, k in enumerate(kinds))
+        lines = [f"r = _as_tuple(rule(s, {call_args}))"]
+        for k, j in stores:
+            kind = kinds[j]
+            target = f"a{j}[{index(j, flat_index)}]"
+            if kind in ("f32", "f64"):
+                lines.append(f"{target} = r[{k}]")
+            elif kind == "b16":
+                lines.append(f"if sr_b16:")
+                lines.append(f"    {target} = _bf16_encode_stochastic(r[{k}], "
+                             f"_random32({flat_index}, seed + {j * 0x3C6EF372}))")
+                lines.append("else:")
+                lines.append(f"    {target} = _bf16_encode(r[{k}])")
+            else:
+                lines.append(f"buf{j}[{flat_index} - np.uint64(lo)] = r[{k}]")
+        for q in range(n_sums):
+            lines.append(f"acc{q} += np.float64(r[{n_results - n_sums + q}])")
+        return textwrap.indent("\n".join(lines), " " * ind)
+
+    fields_src = ", ".join(f"sv[{i}]" for i in range(len(fields)))
+    buf_type = "np.float32" if dtype == "float32" else "np.float64"
+    out = [f"@numba.njit(parallel=True, cache=True, error_model=\"numpy\", nogil=True)",
+           f"def kernel({', '.join(args)}):",
+           f"    s = _S({fields_src})"]
+    out += [f"    acc{q} = 0.0" for q in range(n_sums)]
+    if layout == "flat":
+        out.append("    for i in numba.prange(n):")
+        out.append(body(8, "i"))
+    elif layout == "block":
+        # prange over groups of GROUP blocks, so the scratch buffers that collect a block's new
+        # values before it is encoded are allocated once per group
+        out.append(f"    nblk = (n + {BLOCK - 1}) // {BLOCK}")
+        out.append(f"    ngroups = (nblk + {GROUP - 1}) // {GROUP}")
+        out.append("    for grp in numba.prange(ngroups):")
+        for k, j in stores:
+            if kinds[j] in ("q8s", "q8u"):
+                out.append(f"        buf{j} = np.empty({BLOCK}, {buf_type})")
+        out.append(f"        for b in range(grp * {GROUP}, min(grp * {GROUP} + {GROUP}, nblk)):")
+        out.append(f"            lo = b * {BLOCK}")
+        out.append(f"            hi = min(lo + {BLOCK}, n)")
+        for j, kind in enumerate(kinds):
+            if kind in ("q8s", "q8u"):
+                out.append(f"            u{j} = _block_unit(x{j}[b])")
+        # unsigned indices: Numba then skips negative-index wraparound, which would stop the
+        # loop from vectorizing
+        out.append("            for i0 in range(lo, hi):")
+        out.append("                i = np.uint64(i0)")
+        out.append(body(16, "i"))
+        for k, j in stores:
+            if kinds[j] in ("q8s", "q8u"):
+                which = "signed" if kinds[j] == "q8s" else "unsigned"
+                out.append(f"            _encode_block_{which}(buf{j}, hi - lo, a{j}, x{j}, lo, b, "
+                           f"(seed + {j * 0x3C6EF372}) & 0x7FFFFFFF if sr_q8 else -1)")
+    else:  # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast)
+        out.append("    for row in numba.prange(nb_ * nn_):")
+        out.append("        bb = row // nn_")
+        out.append("        jj = row - bb * nn_")
+        out.append("        for kk0 in range(nm_):")
+        out.append("            kk = np.uint64(kk0)")
+        out.append(body(12, "np.uint64(row * nm_) + kk"))
+    out.append(f"    return ({''.join(f'acc{q}, ' for q in range(n_sums))})")
+    header = [
+        "# Generated by adamkit.engines.fused_cpu; do not edit (regenerated when rules change).",
+        "import numba",
+        "import numpy as np",
+        "from collections import namedtuple as _namedtuple",
+        "from adamkit.engines.numba_ops import as_tuple as _as_tuple",
+        "from adamkit.engines.numba_ops import bf16_decode as _bf16_decode",
+        "from adamkit.engines.numba_ops import bf16_encode as _bf16_encode",
+        "from adamkit.engines.numba_ops import bf16_encode_stochastic as _bf16_encode_stochastic",
+        "from adamkit.engines.numba_ops import random32 as _random32",
+        "from adamkit.engines.numba_ops import scalar_pow as _pow",
+        "from adamkit.engines.numba_ops import block_unit as _block_unit",
+        "from adamkit.engines.numba_ops import signed_decode as _signed_decode",
+        "from adamkit.engines.numba_ops import unsigned_decode as _unsigned_decode",
+        "from adamkit.engines.numba_ops import encode_block_signed as _encode_block_signed",
+        "from adamkit.engines.numba_ops import encode_block_unsigned as _encode_block_unsigned",
+        *imports,
+        "",
+        f"_E = {E}",
+        f"_S = _namedtuple('_S', {list(fields)!r})",
+        "",
+        "",
+    ]
+    return "\n".join(header) + rule_src + "\n\n\n" + "\n".join(out) + "\n"
+
+
+def _engine_sources_digest() -> str:
+    if "digest" not in _numba_state:
+        import numba
+
+        from . import numba_ops
+
+        h = hashlib.sha256()
+        for mod in (sys.modules[__name__], numba_ops, ops):
+            h.update(inspect.getsource(mod).encode())
+        h.update(f"{KERNEL_FORMAT}|{numba.__version__}|{sys.version_info[:2]}".encode())
+        _numba_state["digest"] = h.hexdigest()
+    return _numba_state["digest"]
+
+
+def _writable_cache_dir() -> Path:
+    if "dir" not in _numba_state:
+        path = cache_dir()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError:
+            path = Path(tempfile.mkdtemp(prefix="adamkit-kernels-"))
+        _numba_state["dir"] = path
+    return _numba_state["dir"]
+
+
+_KERNELS: dict[tuple, Callable] = {}
+
+
+def _serialize_calls() -> bool:
+    """The workqueue threading layer must not be entered from two threads at once."""
+    if "serialize" not in _numba_state:
+        import numba
+
+        layer = numba.config.THREADING_LAYER
+        _numba_state["serialize"] = layer == "workqueue"
+    return _numba_state["serialize"]
+
+
+def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_results, dtype,
+                 layout) -> Callable:
+    kernel = _KERNELS.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _KERNELS.get(key)
+        if kernel is not None:
+            return kernel
+        rule_src, imports, module_sources = _translate(fn, "rule")
+        source = _kernel_source(rule_src, imports, fields, kinds, stores, n_sums, n_results,
+                                dtype, layout)
+        h = hashlib.sha256(source.encode())
+        h.update(_engine_sources_digest().encode())
+        for text in module_sources:
+            h.update(text.encode())
+        name = f"adamkit_kernel_{h.hexdigest()[:20]}"
+        directory = _writable_cache_dir()
+        path = directory / f"{name}.py"
+        if not path.exists():
+            tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_text(f"# rule: {fn.__module__}.{fn.__qualname__}\n" + source)
+            os.replace(tmp, path)
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        kernel = module.kernel
+        _KERNELS[key] = kernel
+        return kernel
+
+
+# ---- the engine ---------------------------------------------------------------------------
+
+
+def _numpy(t: Tensor):
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.reshape(-1).numpy()
+
+
+def _collapse_strides(t: Tensor, shape: torch.Size) -> tuple[int, int, int] | None:
+    """(batch, row, column) element strides of ``t`` broadcast to ``shape`` (None if the
+    leading dimensions cannot be merged)."""
+    e = t.expand(shape)
+    strides = list(e.stride())
+    sizes = list(shape)
+    while len(sizes) < 3:
+        sizes.insert(0, 1)
+        strides.insert(0, 0)
+    lead_sizes, lead_strides = sizes[:-2], strides[:-2]
+    batch_stride = None
+    expected = None
+    for size, stride in zip(reversed(lead_sizes), reversed(lead_strides)):
+        if size == 1:
+            continue
+        if batch_stride is None:
+            batch_stride, expected = stride, stride * size
+        elif stride != expected:
+            return None
+        else:
+            expected = stride * size
+    return (batch_stride or 0, strides[-2], strides[-1])
+
+
+class FusedEngine:
+    """Executes a rule's primitives with generated Numba kernels (see the module docstring).
+
+    Args:
+        dtype: the parameter's dtype; rules compute in float64 for float64 parameters and in
+            float32 otherwise.
+        negate: a tensor (the gradient) to be read with its sign flipped wherever it is an
+            operand; this is how ``maximize=True`` costs no extra pass.
+        seed: seeds stochastic rounding (bfloat16 parameters with ``stochastic_bf16``, 8-bit
+            state with ``stochastic_int8``).
+    """
+
+    name = "fused"
+
+    def __init__(self, dtype: torch.dtype, negate: Tensor | None = None, seed: int = 0,
+                 stochastic_bf16: bool = False, stochastic_int8: bool = False):
+        if not available():
+            raise RuntimeError(f"the fused engine needs numba: {unavailable_reason()}")
+        self.param_dtype = dtype
+        self.dtype = compute_dtype(dtype)
+        self.negate = negate
+        self.seed = int(seed) & 0x3FFFFFFF
+        self.stochastic_bf16 = stochastic_bf16
+        self.stochastic_int8 = stochastic_int8
+
+    # The reference engine handles maps whose operands the kernels do not cover.
+    def _fallback(self, fn, s, ins, outs, n_sums):
+        from ..storage import BlockQuantized
+
+        loaded = []
+        for t in ins:
+            if t is not None and t is self.negate:
+                t = -t
+            if isinstance(t, BlockQuantized):
+                raise KernelUnsupported("8-bit state in a map the fused kernels do not cover")
+            loaded.append(t)
+        return ReferenceEngine(self.param_dtype).map(fn, s, loaded, outs, n_sums)
+
+    def map(self, fn: Callable, s, ins: Sequence, outs: Sequence, n_sums: int = 0) -> list[float]:
+        from ..storage import BlockQuantized
+
+        kinds: list[str] = []
+        shapes = []
+        for t in ins:
+            if t is None:
+                kinds.append("none")
+            elif isinstance(t, BlockQuantized):
+                kinds.append("q8s" if t.signed else "q8u")
+                shapes.append(t.shape)
+            elif isinstance(t, Tensor):
+                if t.dtype == torch.float32:
+                    kind = "f32"
+                elif t.dtype == torch.float64:
+                    kind = "f64"
+                elif t.dtype == torch.bfloat16:
+                    kind = "b16"
+                else:
+                    return self._fallback(fn, s, ins, outs, n_sums)
+                if t.device.type != "cpu" or not t.is_contiguous():
+                    return self._fallback(fn, s, ins, outs, n_sums)
+                kinds.append(kind)
+                shapes.append(t.shape)
+            elif isinstance(t, (int, float)):
+                kinds.append("num")
+            else:
+                return self._fallback(fn, s, ins, outs, n_sums)
+        if not shapes:
+            return self._fallback(fn, s, ins, outs, n_sums)
+        shape = shapes[0]
+        if any(sh != shape for sh in shapes):
+            try:
+                shape = torch.broadcast_shapes(*shapes)
+            except RuntimeError:
+                return self._fallback(fn, s, ins, outs, n_sums)
+        n = math.prod(shape)
+        layout = "flat" if all(sh == shape for sh in shapes) else "bcast"
+        if any(k in ("q8s", "q8u") for k in kinds):
+            if layout != "flat":
+                raise KernelUnsupported("8-bit state must have the parameter's shape")
+            layout = "block"
+        stores = []
+        for k, out in enumerate(outs):
+            if out is None:
+                continue
+            j = next((j for j, t in enumerate(ins) if t is out), None)
+            if j is None or (layout == "bcast" and tuple(out.shape) != tuple(shape)):
+                return self._fallback(fn, s, ins, outs, n_sums)
+            stores.append((k, j))
+        if n == 0:
+            return [0.0] * n_sums
+        fields = type(s)._fields
+        n_results = len(outs) + n_sums
+        key = (fn, tuple(kinds), tuple(stores), n_sums, n_results, self.dtype, layout, fields)
+        kernel = _KERNELS.get(key) or _load_kernel(
+            key, fn, fields, kinds, stores, n_sums, n_results,
+            "float64" if self.dtype == torch.float64 else "float32", layout)
+
+        import numpy as np
+
+        sv = np.array([float(v) for v in s], dtype=np.float64)
+        args = [sv, n, self.seed, self.stochastic_bf16, self.stochastic_int8]
+        if layout == "bcast":
+            sizes = [1, 1, *shape][-3:] if len(shape) < 3 else [math.prod(shape[:-2]),
+                                                                  shape[-2], shape[-1]]
+            args += sizes
+        for t, kind in zip(ins, kinds):
+            if kind in _FLOAT_ARRAYS:
+                args += [_numpy(t), -1.0 if t is self.negate else 1.0]
+                if layout == "bcast":
+                    strides = _collapse_strides(t, shape)
+                    if strides is None:
+                        return self._fallback(fn, s, ins, outs, n_sums)
+                    args += strides
+            elif kind in ("q8s", "q8u"):
+                args += [t.codes.reshape(-1).numpy(), t.absmax.numpy()]
+            elif kind == "num":
+                args.append(float(t))
+        if _serialize_calls():
+            with _lock:
+                return list(kernel(*args))
+        return list(kernel(*args))
+
+    def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 2:
+            return ReferenceEngine(self.param_dtype).mean_sq_last_dims(x)
+        from . import numba_ops
+
+        n, m = x.shape[-2], x.shape[-1]
+        lead = tuple(x.shape[:-2])
+        rows = torch.empty(lead + (n, 1), dtype=self.dtype)
+        cols = torch.empty(lead + (1, m), dtype=self.dtype)
+        if x.numel():
+            numba_ops.sq_means_last_dims(_numpy(x), rows.view(-1).numpy(),
+                                         cols.view(-1).numpy(), n, m)
+        return rows, cols

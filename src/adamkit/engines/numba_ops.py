@@ -1,0 +1,437 @@
+"""Numba implementations of the math helpers in :mod:`adamkit.engines.ops`, and scalar codecs.
+
+Importing this module (it needs numba) registers ``numba.extending.overload`` implementations
+of ``ops.sqrt``, ``ops.lerp``, ... for scalars, so the per-element rules written with those
+helpers compile unchanged inside a fused kernel. Every overload keeps the element's float type:
+a ``float32`` element stays ``float32`` and Python-float arguments (``lerp``'s weight, ``clamp``'s
+bounds) are rounded to it first, exactly as torch rounds a Python scalar to the tensor's dtype.
+
+The codecs turn stored values into compute values and back inside the kernel's loop:
+
+* bfloat16 (kept in ``int16`` arrays): decode is exact; encode rounds to nearest-even, or
+  stochastically with caller-supplied random bits;
+* 8-bit blockwise codes (see :mod:`adamkit.storage` for the format): ``signed`` codes are
+  sign + 4-bit exponent + 3-bit mantissa, ``unsigned`` codes 4-bit exponent + 4-bit mantissa;
+  both are relative to one ``absmax`` per block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload, register_jitable
+
+from . import ops
+
+# ---- bit casts -----------------------------------------------------------------------------
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of a float32 as uint32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, x):
+    """The float32 whose IEEE bits are the uint32 ``x``."""
+    if x != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+# ---- ops helpers ---------------------------------------------------------------------------
+
+
+def _is_float(t) -> bool:
+    return isinstance(t, types.Float)
+
+
+def _elem_type(*ts):
+    """The float type elements are computed in: float32 only when every float argument is."""
+    floats = [t for t in ts if _is_float(t)]
+    if floats and all(t == types.float32 for t in floats):
+        return np.float32
+    return np.float64
+
+
+@overload(ops.sqrt)
+def _sqrt(x):
+    if isinstance(x, (types.Float, types.Integer)):
+        return lambda x: np.sqrt(x)
+
+
+@overload(ops.absolute)
+def _absolute(x):
+    if isinstance(x, (types.Float, types.Integer)):
+        return lambda x: abs(x)
+
+
+@overload(ops.sign)
+def _sign(x):
+    if _is_float(x):
+        one = np.float32(1.0) if x == types.float32 else 1.0
+        zero = np.float32(0.0) if x == types.float32 else 0.0
+
+        def impl(x):
+            if x > zero:
+                return one
+            if x < zero:
+                return -one
+            return x * zero  # 0 for 0, NaN for NaN
+
+        return impl
+
+
+@overload(ops.maximum)
+def _maximum(a, b):
+    if _is_float(a) or _is_float(b):
+        cast = _elem_type(a, b)
+
+        def impl(a, b):
+            x = cast(a)
+            y = cast(b)
+            if x != x or y != y:
+                return x + y  # NaN
+            return x if x >= y else y
+
+        return impl
+
+
+@overload(ops.minimum)
+def _minimum(a, b):
+    if _is_float(a) or _is_float(b):
+        cast = _elem_type(a, b)
+
+        def impl(a, b):
+            x = cast(a)
+            y = cast(b)
+            if x != x or y != y:
+                return x + y
+            return x if x <= y else y
+
+        return impl
+
+
+@overload(ops.clamp)
+def _clamp(x, low, high):
+    if _is_float(x):
+        cast = np.float32 if x == types.float32 else np.float64
+
+        def impl(x, low, high):
+            lo = cast(low)
+            hi = cast(high)
+            if x != x:
+                return x
+            return lo if x < lo else (hi if x > hi else x)
+
+        return impl
+
+
+@overload(ops.lerp)
+def _lerp(start, end, weight):
+    if _is_float(start) or _is_float(end):
+        cast = _elem_type(start, end)
+
+        def impl(start, end, weight):
+            a = cast(start)
+            b = cast(end)
+            # torch's CPU lerp: weight in the element type, the symmetric form for w >= 0.5
+            if abs(weight) < 0.5:
+                return a + cast(weight) * (b - a)
+            return b - (b - a) * cast(1.0 - weight)
+
+        return impl
+
+
+@register_jitable
+def scalar_pow(x, y):
+    """``x ** y`` with torch's fast paths for the common exponents (exact where torch is)."""
+    if y == 0.5:
+        return np.sqrt(x)
+    if y == 1.0:
+        return x
+    if y == 2.0:
+        return x * x
+    return x ** y
+
+
+def as_tuple(x):
+    """A rule's results as a tuple (a rule with one result may return it bare)."""
+    return x if isinstance(x, tuple) else (x,)
+
+
+@overload(as_tuple)
+def _as_tuple(x):
+    if isinstance(x, types.BaseTuple):
+        return lambda x: x
+    return lambda x: (x,)
+
+
+# ---- random bits (counter-based, so results do not depend on thread scheduling) ------------
+
+
+@register_jitable
+def random32(i, seed):
+    """32 well-mixed bits from an element index and a per-call seed (lowbias32 finaliser)."""
+    x = (np.uint64(i) * np.uint64(0x9E3779B9) + np.uint64(seed)) & np.uint64(0xFFFFFFFF)
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & np.uint64(0xFFFFFFFF)
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
+    x ^= x >> np.uint64(16)
+    return x
+
+
+# ---- bfloat16 ------------------------------------------------------------------------------
+
+
+@register_jitable
+def bf16_decode(h):
+    """bfloat16 bits (stored as int16) to float32, exactly."""
+    return bits_f32(np.uint32((np.int64(h) & 0xFFFF) << 16))
+
+
+@register_jitable
+def bf16_encode(x):
+    """float32 to bfloat16 bits (int16), rounding to nearest-even; NaN stays NaN."""
+    b = np.int64(f32_bits(np.float32(x)))
+    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    quiet_nan = (b >> 16) | 0x40  # sign kept
+    return np.int16((quiet_nan if x != x else rounded) & 0xFFFF)
+
+
+@register_jitable
+def bf16_encode_stochastic(x, bits):
+    """float32 to bfloat16 bits, rounding up with probability equal to the dropped fraction."""
+    b = np.int64(f32_bits(np.float32(x)))
+    rounded = (b + (np.int64(bits) & 0xFFFF)) >> 16
+    quiet_nan = (b >> 16) | 0x40
+    return np.int16((quiet_nan if x != x else rounded) & 0xFFFF)
+
+
+# ---- 8-bit blockwise codes -----------------------------------------------------------------
+# y = |x| / unit with unit = absmax / 1.875, so y lies in [0, 1.875], the largest code's value.
+# Normal codes: y = (1 + mantissa / 2**M) * 2**(e - 15), e = 1..15; subnormal (e = 0):
+# y = mantissa / 2**M * 2**-14. In float32 bits that is a shift of (23 - M) bits and an
+# exponent offset of 112.
+
+SIGNED_NAN = -128
+UNSIGNED_NAN = 255
+TOP = 1.875
+
+
+@register_jitable
+def block_unit(absmax):
+    """The value of y = 1 in a block whose largest finite magnitude is ``absmax`` (float32)."""
+    return np.float32(np.float64(absmax) / 1.875)
+
+
+@register_jitable
+def block_inverse(absmax):
+    """1 / unit as float64 (finite even for a subnormal absmax); 0 for an all-zero block."""
+    a = np.float64(absmax)
+    return 1.875 / a if a > 0 else 0.0
+
+
+# Encoders and decoders are written as selects without early returns so that the kernel loop
+# around them vectorizes.
+
+
+@register_jitable
+def signed_decode(c, unit):
+    code = np.int64(c)
+    mag = abs(code)
+    normal = bits_f32(np.uint32(((mag + 896) << 20) & 0xFFFFFFFF))
+    sub = np.float32(mag) * np.float32(7.62939453125e-06)  # 2**-17
+    y = normal if mag >= 8 else sub
+    v = y * unit
+    v = -v if code < 0 else v
+    return np.float32(np.nan) if code == -128 else v
+
+
+@register_jitable
+def signed_encode(x, inv_unit, half):
+    """Code of ``x``; ``inv_unit`` = 1 / unit (float64); ``half`` in [0, 2**20): 2**19 rounds
+    to nearest, uniform random bits round stochastically."""
+    xf = np.float32(x)
+    y = np.float32(np.float64(abs(xf)) * inv_unit)
+    normal = ((np.int64(f32_bits(y)) + half) >> 20) - 896
+    sub = np.int64(y * np.float32(131072.0) + np.float32(half) * np.float32(9.5367431640625e-07))
+    mag = sub if y < np.float32(6.103515625e-05) else normal
+    mag = min(mag, 127)
+    code = -mag if xf < 0 else mag
+    finite = abs(xf) < np.float32(np.inf)
+    return np.int8(code if finite else -128)
+
+
+@register_jitable
+def unsigned_decode(c, unit):
+    code = np.int64(c) & 0xFF
+    normal = bits_f32(np.uint32(((code + 1792) << 19) & 0xFFFFFFFF))
+    sub = np.float32(code) * np.float32(3.814697265625e-06)  # 2**-18
+    y = normal if code >= 16 else sub
+    v = y * unit
+    return np.float32(np.nan) if code == 255 else v
+
+
+@register_jitable
+def unsigned_encode(x, inv_unit, half):
+    """Code of ``x`` >= 0 (negative values encode as 0); a positive value never encodes as 0,
+    so a second moment never decodes to zero. ``half`` in [0, 2**19)."""
+    xf = np.float32(x)
+    y = np.float32(np.float64(xf) * inv_unit)
+    normal = ((np.int64(f32_bits(y)) + half) >> 19) - 1792
+    sub = np.int64(y * np.float32(262144.0) + np.float32(half) * np.float32(1.9073486328125e-06))
+    sub = max(sub, 1)
+    mag = sub if y < np.float32(6.103515625e-05) else normal
+    mag = min(mag, 254)
+    mag = mag if xf > 0 else 0
+    finite = abs(xf) < np.float32(np.inf)
+    return np.uint8(mag if finite else 255)
+
+
+@register_jitable
+def finite_absmax(buf, m):
+    """Largest finite |value| of buf[:m] as float32, from the IEEE bits (an integer max)."""
+    best = 0
+    for k0 in range(m):
+        k = np.uint64(k0)
+        b = np.int64(f32_bits(np.float32(buf[k]))) & 0x7FFFFFFF
+        b = b if b < 0x7F800000 else 0
+        best = max(best, b)
+    return bits_f32(np.uint32(best))
+
+
+@register_jitable
+def encode_block_signed(buf, m, codes, absmax, lo, b, seed):
+    amax = finite_absmax(buf, m)
+    absmax[b] = amax
+    inv = block_inverse(amax)
+    base = np.uint64(lo)
+    if seed < 0:
+        for k0 in range(m):
+            k = np.uint64(k0)
+            codes[base + k] = signed_encode(buf[k], inv, 524288)
+    else:
+        for k0 in range(m):
+            k = np.uint64(k0)
+            codes[base + k] = signed_encode(
+                buf[k], inv, np.int64(random32(lo + k0, seed) >> np.uint64(12)))
+
+
+@register_jitable
+def encode_block_unsigned(buf, m, codes, absmax, lo, b, seed):
+    amax = finite_absmax(buf, m)
+    absmax[b] = amax
+    inv = block_inverse(amax)
+    base = np.uint64(lo)
+    if seed < 0:
+        for k0 in range(m):
+            k = np.uint64(k0)
+            codes[base + k] = unsigned_encode(buf[k], inv, 262144)
+    else:
+        for k0 in range(m):
+            k = np.uint64(k0)
+            codes[base + k] = unsigned_encode(
+                buf[k], inv, np.int64(random32(lo + k0, seed) >> np.uint64(13)))
+
+
+# ---- whole-tensor helpers called from Python -----------------------------------------------
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def encode_signed(x, codes, absmax, block, seed):
+    n = x.size
+    nb = (n + block - 1) // block
+    for b in numba.prange(nb):
+        lo = b * block
+        m = min(block, n - lo)
+        encode_block_signed(x[lo:lo + m], m, codes, absmax, lo, b, seed)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def encode_unsigned(x, codes, absmax, block, seed):
+    n = x.size
+    nb = (n + block - 1) // block
+    for b in numba.prange(nb):
+        lo = b * block
+        m = min(block, n - lo)
+        encode_block_unsigned(x[lo:lo + m], m, codes, absmax, lo, b, seed)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def decode_signed(codes, absmax, block, out):
+    n = codes.size
+    nb = (n + block - 1) // block
+    for b in numba.prange(nb):
+        unit = block_unit(absmax[b])
+        for i in range(b * block, min(b * block + block, n)):
+            out[i] = signed_decode(codes[i], unit)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def decode_unsigned(codes, absmax, block, out):
+    n = codes.size
+    nb = (n + block - 1) // block
+    for b in numba.prange(nb):
+        unit = block_unit(absmax[b])
+        for i in range(b * block, min(b * block + block, n)):
+            out[i] = unsigned_decode(codes[i], unit)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def sq_means_last_dims(x, rows, cols, n, m):
+    """Row and column means of x**2 for x viewed as (batch, n, m); rows (batch*n), cols (batch*m)."""
+    batch = x.size // (n * m) if n * m > 0 else 0
+    for r in numba.prange(batch * n):
+        acc = 0.0
+        base = r * m
+        for k in range(m):
+            v = np.float64(x[base + k])
+            acc += v * v
+        rows[r] = acc / m
+    for bk in numba.prange(batch * m):
+        b = bk // m
+        k = bk - b * m
+        acc = 0.0
+        base = b * n * m + k
+        for j in range(n):
+            v = np.float64(x[base + j * m])
+            acc += v * v
+        cols[bk] = acc / n
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def all_finite(x):
+    bad = 0
+    for i in numba.prange(x.size):
+        if not np.isfinite(x[i]):
+            bad += 1
+    return bad == 0
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def all_finite_bf16(x):
+    bad = 0
+    for i in numba.prange(x.size):
+        if (np.int64(x[i]) & 0x7F80) == 0x7F80:
+            bad += 1
+    return bad == 0
+
+
+_ = math  # math is available to generated kernels through this module

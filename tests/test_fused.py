@@ -1,0 +1,237 @@
+"""The fused CPU engine against the reference engine (the oracle), for every optimizer.
+
+One table drives the comparison: every registered optimizer with each of its flag variants
+(plus ``maximize``), stepped 10 times in float64 and float32 on the same parameter set (several
+param groups; a zero-size, a single-element and a non-contiguous tensor among them). Parameters
+and every state tensor must agree to 1e-12 (float64) or 1e-5 (float32), measured as
+max|fused - reference| / max|reference| per tensor.
+
+Compiled kernels live in the kernel cache (``ADAMKIT_CACHE_DIR`` or ~/.cache/adamkit/kernels),
+so only the first run pays for compilation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.engines import fused_cpu
+from adamkit.registry import OPTIMIZERS
+
+pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+
+# Flag variants per optimizer: every boolean option on and off, and the decay forms. The first
+# entry of each list is combined with maximize=True as well.
+VARIANTS: dict[str, list[dict]] = {
+    "adabelief": [dict(weight_decay=0.1), dict(amsgrad=True), dict(rectify=False),
+                  dict(rectify=False, amsgrad=True, weight_decay=0.1,
+                       decoupled_weight_decay=False)],
+    "adabound": [dict(weight_decay=0.1), dict(amsbound=True),
+                 dict(weight_decay=0.1, decoupled_weight_decay=True)],
+    "adafactor": [dict(weight_decay=0.1), dict(eps=(1e-30, 1e-3), d=2.0)],
+    "adagrad": [dict(weight_decay=0.1, lr_decay=0.01, initial_accumulator_value=0.1), dict()],
+    "adam": [dict(weight_decay=0.1), dict(amsgrad=True),
+             dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True)],
+    "adamax": [dict(weight_decay=0.1)],
+    "adamod": [dict(weight_decay=0.1)],
+    "adamw": [dict(), dict(amsgrad=True)],
+    "fadam": [dict(), dict(weight_decay=0.0, p=1.0, clip=0.5)],
+    "lion": [dict(weight_decay=0.1)],
+    "nadam": [dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True)],
+    "radam": [dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True)],
+    "rmsprop": [dict(weight_decay=0.1), dict(momentum=0.9), dict(centered=True),
+                dict(centered=True, momentum=0.9)],
+    "sgd": [dict(momentum=0.9, weight_decay=0.1), dict(),
+            dict(momentum=0.9, nesterov=True), dict(momentum=0.9, dampening=0.5)],
+    "sparseadam": [dict()],
+}
+# Learning rates large enough that 10 steps move every optimizer visibly.
+LR = {"sgd": 0.05, "adagrad": 0.05, "rmsprop": 0.01, "lion": 0.01, "adafactor": 0.05}
+
+
+def _cases():
+    assert set(VARIANTS) == set(OPTIMIZERS), "every registered optimizer needs table entries"
+    cases = []
+    for name, variants in VARIANTS.items():
+        for i, kwargs in enumerate(variants):
+            cases.append(pytest.param(name, kwargs, id=f"{name}-{i}"))
+        cases.append(pytest.param(name, {**variants[0], "maximize": True},
+                                  id=f"{name}-maximize"))
+    return cases
+
+
+def _make_params(dtype, sparse: bool):
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    if sparse:  # SparseAdam: embedding-like tables
+        return [[rnd(40, 8), rnd(1, 3)], [rnd(0, 4), rnd(300, 2)]]
+    transposed = rnd(9, 6).t()  # non-contiguous: "auto" runs the reference engine on it
+    assert not transposed.is_contiguous()
+    return [[rnd(33, 17), rnd(1), rnd(0), rnd(5, 3, 4)], [rnd(1000), transposed, rnd(2, 1)]]
+
+
+def _grads(params, step, sparse: bool):
+    g = torch.Generator().manual_seed(1000 + step)
+    grads = []
+    for p in params:
+        dense = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        if sparse:
+            rows = torch.randint(0, max(p.shape[0], 1), (5,), generator=g)
+            if p.shape[0] == 0:
+                rows = rows[:0]
+            values = dense[rows] if p.shape[0] else dense[:0].reshape(0, *p.shape[1:])
+            grads.append(torch.sparse_coo_tensor(rows[None], values, p.shape))
+        else:
+            grads.append(dense)
+    return grads
+
+
+def _run(name, kwargs, dtype, backend, steps=10):
+    sparse = name == "sparseadam"
+    groups = _make_params(dtype, sparse)
+    params = [p for group in groups for p in group]
+    lr = LR.get(name, 0.02)
+    opt = adamkit.create(name, [{"params": groups[0]}, {"params": groups[1], "lr": lr / 2}],
+                         lr=lr, backend=backend, **kwargs)
+    for step in range(steps):
+        for p, grad in zip(params, _grads(params, step, sparse)):
+            p.grad = grad
+        opt.step()
+    return params, opt
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if b.numel() == 0:
+        return 0.0
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    calls = []
+    original = fused_cpu.FusedEngine.map
+
+    def counting(self, fn, *args, **kwargs):
+        calls.append(fn)
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(fused_cpu.FusedEngine, "map", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+@pytest.mark.parametrize("name,kwargs", _cases())
+def test_fused_matches_reference(name, kwargs, dtype, tol, count_fused):
+    ref_params, ref_opt = _run(name, kwargs, dtype, "reference")
+    assert not count_fused
+    params, opt = _run(name, kwargs, dtype, "auto")
+    assert count_fused, "backend='auto' did not use the fused engine"
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        assert p.dtype == q.dtype and p.shape == q.shape
+        assert _rel(p, q) <= tol, f"parameter {i}: {_rel(p, q):.3g}"
+        state, ref_state = opt.state[p], ref_opt.state[q]
+        assert state.keys() == ref_state.keys()
+        for key, value in ref_state.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == state[key].dtype, key
+                assert _rel(state[key], value) <= tol, f"parameter {i} {key}: " \
+                    f"{_rel(state[key], value):.3g}"
+            else:
+                assert state[key] == value, key
+
+
+def test_parameters_move():
+    """Guard against a vacuous comparison: 10 fused steps change every non-empty parameter."""
+    before = [p.clone() for group in _make_params(torch.float32, False) for p in group]
+    params, _ = _run("adam", {}, torch.float32, "auto")
+    for p, b in zip(params, before):
+        if p.numel():
+            assert not torch.equal(p, b)
+
+
+def test_bfloat16_parameters_match_reference():
+    """bfloat16 parameters: float32 arithmetic, rounded to nearest-even on both engines."""
+    for name in ("adamw", "lion", "rmsprop"):
+        ref, ref_opt = _run(name, {}, torch.bfloat16, "reference")
+        fused, opt = _run(name, {}, torch.bfloat16, "auto")
+        for p, q in zip(fused, ref):
+            assert p.dtype == torch.bfloat16
+            # identical float32 arithmetic and rounding: at most a last-bit difference
+            assert _rel(p, q) <= 2.0**-7, name
+            for key, value in ref_opt.state[q].items():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    assert opt.state[p][key].dtype == torch.bfloat16
+                    assert _rel(opt.state[p][key], value) <= 2.0**-7, (name, key)
+
+
+def test_fused_backend_rejects_unsupported_tensors():
+    contiguous = torch.zeros(4, requires_grad=True)
+    transposed = torch.zeros(3, 4).t().requires_grad_()
+    with pytest.raises(ValueError, match=r"backend='fused' cannot update parameter 1 of param "
+                                         r"group 0 \(shape \(4, 3\)\): it is not contiguous"):
+        adamkit.Adam([contiguous, transposed], backend="fused")
+    with pytest.raises(ValueError, match="complex"):
+        adamkit.Adam([torch.zeros(3, dtype=torch.complex64)], backend="fused")
+    with pytest.raises(ValueError, match="float16"):
+        adamkit.SGD([torch.zeros(3, dtype=torch.float16)], backend="fused")
+    opt = adamkit.Adam([contiguous], backend="fused")
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.add_param_group({"params": [transposed]})
+    assert len(opt.param_groups) == 1
+    # a gradient the kernels cannot read is caught at step, naming the parameter
+    contiguous.grad = torch.zeros(4, 2).t()[0]  # a strided view
+    assert not contiguous.grad.is_contiguous()
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*gradient"):
+        opt.step()
+
+
+def test_fused_backend_needs_numba(monkeypatch):
+    monkeypatch.setitem(fused_cpu._numba_state, "ok", False)
+    monkeypatch.setitem(fused_cpu._numba_state, "error", "ImportError: No module named 'numba'")
+    with pytest.raises(ValueError, match=r"backend='fused' needs numba"):
+        adamkit.Adam([torch.zeros(3)], backend="fused")
+    # "auto" quietly uses the reference engine
+    p = torch.zeros(3, requires_grad=True)
+    opt = adamkit.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.allclose(p, torch.full((3,), -0.1))
+
+
+def test_auto_falls_back_for_unsupported_tensors(count_fused):
+    p16 = torch.ones(5, dtype=torch.float16, requires_grad=True)
+    pc = torch.ones(3, dtype=torch.complex128, requires_grad=True)
+    pt = torch.ones(4, 3).t().requires_grad_()
+    params = [p16, pc, pt]
+    ref = [t.detach().clone().requires_grad_() for t in params]
+    opt = adamkit.Adam(params, lr=0.1)
+    ref_opt = adamkit.Adam(ref, lr=0.1, backend="reference")
+    for t, r in zip(params, ref):
+        t.grad = torch.ones_like(t)
+        r.grad = torch.ones_like(r)
+    opt.step()
+    ref_opt.step()
+    assert not count_fused
+    for t, r in zip(params, ref):
+        assert torch.equal(t, r)
+
+
+def test_kernel_cache_is_on_disk(tmp_path, monkeypatch):
+    """Kernels are generated as modules in the cache directory with Numba's cache beside them."""
+    directory = fused_cpu._writable_cache_dir()
+    p = torch.ones(10, requires_grad=True)
+    opt = adamkit.Lion([p], lr=0.1, backend="fused")
+    p.grad = torch.ones(10)
+    opt.step()
+    generated = list(directory.glob("adamkit_kernel_*.py"))
+    assert generated
+    assert any("Lion.update" in f.read_text() for f in generated)
+    assert list((directory / "__pycache__").glob("adamkit_kernel_*.nbi"))

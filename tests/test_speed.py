@@ -1,0 +1,79 @@
+"""`adamkit speed`: parameter sets, byte counts, and the table/JSON it writes (no timings
+are asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from adamkit.bench import speed
+
+
+def test_parameter_sets():
+    gpt2 = speed.gpt2_shapes()
+    assert len(gpt2) == 148
+    assert sum(int(__import__("math").prod(s)) for s in gpt2) == 124_439_808  # GPT-2 small
+    resnet = speed.resnet18_shapes()
+    assert abs(sum(int(__import__("math").prod(s)) for s in resnet) - 11_689_512) < 20_000
+    small = speed.scaled(gpt2, 0.01)
+    assert len(small) == len(gpt2) and small[0] == (503, 768) and small[2] == (8,)
+
+
+@pytest.mark.parametrize("name,kwargs,state_dtype,expected", [
+    ("adam", {}, None, 28.0),  # p, g, m, v read; p, m, v written
+    ("adam", {"amsgrad": True}, None, 36.0),
+    ("adamw", {}, "bfloat16", 20.0),
+    ("lion", {}, None, 20.0),
+    ("sgd", {"momentum": 0.9}, None, 20.0),
+    ("sgd", {}, None, 12.0),
+    ("adamod", {}, None, 36.0),
+    ("fadam", {}, None, 44.0),  # three passes: g; p, g, f -> f; p, g, f, m -> p, m
+])
+def test_bytes_per_param_follow_the_algorithm(name, kwargs, state_dtype, expected):
+    assert speed.bytes_per_param(name, state_dtype, kwargs) == pytest.approx(expected)
+
+
+def test_int8_bytes_per_param():
+    # two 1-byte states plus one float32 absmax per 256 elements, read and written
+    assert speed.bytes_per_param("adam", "int8") == pytest.approx(12 + 4 * (1 + 4 / 256))
+
+
+def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    code = speed.main(["--shapes", "resnet18", "--scale", "0.02", "--steps", "1", "--warmup",
+                       "0", "--optimizers", "adamw,lion", "--state-dtype", "float32,int8",
+                       "--compare", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith("copy bandwidth:")
+    for column in ("ms/step", "Mparam/s", "B/param", "eff GB/s", "x fusedAdamW",
+                   "state B/param"):
+        assert column in text
+    data = json.loads(out.read_text())
+    rows = {(r["optimizer"], r["implementation"], r["engine"], r["state_dtype"])
+            for r in data["rows"]}
+    assert ("adamw", "torch", "fused (torch)", "float32") in rows
+    assert ("adamw", "torch", "foreach", "float32") in rows
+    assert any(r[0] == "lion" and r[1] == "adamkit" and r[3] == "int8" for r in rows)
+    for r in data["rows"]:
+        assert r["ms_per_step"] > 0 and r["bytes_per_param"] > 0
+    int8 = [r for r in data["rows"] if r["implementation"] == "adamkit"
+            and r["state_dtype"] == "int8" and r["optimizer"] == "adamw"][0]
+    assert int8["state_bytes_per_param"] < 4  # float32: 8; small tensors stay float32 here
+    assert data["copy_gbps"] > 0
+
+
+def test_bad_arguments_are_rejected():
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--optimizers", "adamm"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--state-dtype", "int4"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--scale", "0"])
+    args = parser.parse_args(["--optimizers", "all"])
+    assert "sparseadam" not in args.optimizers and "adamw" in args.optimizers
