@@ -235,3 +235,57 @@ def test_kernel_cache_is_on_disk(tmp_path, monkeypatch):
     assert generated
     assert any("Lion.update" in f.read_text() for f in generated)
     assert list((directory / "__pycache__").glob("adamkit_kernel_*.nbi"))
+
+
+@pytest.mark.parametrize("name,kwargs,param_dtype,state_dtype", [
+    ("adam", {"weight_decay": 0.1}, torch.float32, None),
+    ("adamw", {"maximize": True}, torch.float64, None),
+    ("adamw", {}, torch.bfloat16, None),
+    ("lion", {}, torch.float32, "bfloat16"),
+    ("adam", {"amsgrad": True}, torch.float32, "int8"),
+], ids=["adam-f32", "adamw-f64-maximize", "adamw-bf16", "lion-bf16-state", "amsgrad-int8"])
+def test_one_launch_for_all_tensors_equals_one_launch_per_tensor(
+        name, kwargs, param_dtype, state_dtype, monkeypatch):
+    """A step collects the single-pass maps of all its tensors and launches each kernel once over
+    a table of tensors; that must be bit-identical to launching it per tensor. Sizes cover several
+    chunks of one tensor, a chunk's tail, one element, zero elements and two param groups."""
+    torch.manual_seed(0)
+    sizes = [[fused_cpu.CHUNK * 2 + 517, 1, 0], [300, 5000, fused_cpu.CHUNK]]
+
+    def run(batched: bool):
+        if not batched:  # step() then runs every map as it comes
+            monkeypatch.setattr(fused_cpu, "KernelBatch", lambda: None)
+        gen = torch.Generator().manual_seed(1)
+        groups = [[torch.randn(n, generator=gen).to(param_dtype).requires_grad_() for n in g]
+                  for g in sizes]
+        opt = adamkit.create(name, [{"params": groups[0]}, {"params": groups[1], "lr": 3e-3}],
+                             lr=1e-2, state_dtype=state_dtype, **kwargs)
+        for _ in range(3):
+            for p in (p for g in groups for p in g):
+                p.grad = torch.randn(p.shape, generator=gen).to(param_dtype)
+            opt.step()
+        monkeypatch.undo()
+        return [p for g in groups for p in g], opt
+
+    launches = []
+    original = fused_cpu.KernelBatch.flush
+
+    def counting_flush(self):
+        launches.append(len(self._groups))
+        return original(self)
+
+    monkeypatch.setattr(fused_cpu.KernelBatch, "flush", counting_flush)
+    batched, opt_b = run(True)
+    # one kernel for the whole step; with int8 state, tensors under 4096 elements keep float32
+    # state and take a second kernel
+    assert launches == [2 if state_dtype == "int8" else 1] * 3
+    single, opt_s = run(False)
+    for p, q in zip(batched, single):
+        assert torch.equal(p, q)
+        for key, value in opt_s.state[q].items():
+            mine = opt_b.state[p][key]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(mine, value), key
+            elif hasattr(value, "codes"):
+                assert torch.equal(mine.codes, value.codes) and torch.equal(mine.absmax,
+                                                                          value.absmax), key

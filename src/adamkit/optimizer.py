@@ -220,10 +220,22 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.on_nonfinite != "apply" and not self._gradients_finite():
             return loss
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self._step_parameter(group, p, (gi, pi))
+        # Single-pass rules on the fused engine are collected and run at the end, one kernel
+        # launch for all tensors that share a kernel (see fused_cpu.KernelBatch).
+        batch = None
+        if self.backend != "reference" and type(self).apply is Optimizer.apply \
+                and fused_cpu.available():
+            batch = fused_cpu.KernelBatch()
+        self._batch = batch
+        try:
+            for gi, group in enumerate(self.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        self._step_parameter(group, p, (gi, pi))
+        finally:
+            self._batch = None
+            if batch is not None:
+                batch.flush()
         return loss
 
     def _gradients_finite(self) -> bool:
@@ -335,7 +347,9 @@ class Optimizer(torch.optim.Optimizer):
             # maximize costs no extra pass: the kernel reads the gradient with its sign flipped
             engine = fused_cpu.FusedEngine(
                 p.dtype, negate=grad if group["maximize"] and not grad.is_sparse else None,
-                seed=seed, stochastic_int8=self.round_int8_stochastically)
+                seed=seed, stochastic_int8=self.round_int8_stochastically,
+                # sparse steps run on gathered copies that are scattered back right away
+                batch=None if grad.is_sparse else getattr(self, "_batch", None))
         else:
             # complex parameters run as real views: the engine computes in their real dtype
             engine = self._engine(torch.view_as_real(p) if p.is_complex() else p)

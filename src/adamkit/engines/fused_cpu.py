@@ -57,7 +57,7 @@ from .reference import ReferenceEngine, compute_dtype
 Tensor = torch.Tensor
 
 #: bump when the generated code changes in a way the hashed sources do not show
-KERNEL_FORMAT = 4
+KERNEL_FORMAT = 5
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -303,6 +303,7 @@ def _translate(fn: Callable, name: str) -> tuple[str, list[str], list[str]]:
 _FLOAT_ARRAYS = ("f32", "f64", "b16")
 BLOCK = 256
 GROUP = 64  # blocks per parallel work item of the blockwise layout
+CHUNK = BLOCK * GROUP  # elements per parallel work item of the multi-tensor layouts
 
 
 def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kinds: Sequence[str],
@@ -310,10 +311,24 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
                    layout: str) -> str:
     """Generate the kernel module. ``stores``: (result index, input index) pairs."""
     E = "np.float32" if dtype == "float32" else "np.float64"
-    args = ["sv", "n", "seed", "sr_b16", "sr_q8"]
+    multi = layout in ("mflat", "mblock")
+    if multi:
+        # one launch for many tensors: per-tensor scalars, sizes, seeds and operand addresses
+        # in tables; the iteration space is every tensor's chunks of CHUNK elements
+        args = ["svs", "ns", "starts", "seeds", "sr_b16", "sr_q8"]
+    else:
+        args = ["sv", "n", "seed", "sr_b16", "sr_q8"]
     if layout == "bcast":
         args += ["nb_", "nn_", "nm_"]
     for j, kind in enumerate(kinds):
+        if multi:
+            if kind in _FLOAT_ARRAYS:
+                args += [f"pa{j}", f"sgs{j}"]
+            elif kind in ("q8s", "q8u"):
+                args += [f"pa{j}", f"px{j}"]
+            elif kind == "num":
+                args.append(f"cs{j}")
+            continue
         if kind in _FLOAT_ARRAYS:
             args += [f"a{j}", f"sg{j}"]
         elif kind in ("q8s", "q8u"):
@@ -364,10 +379,58 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
     fields_src = ", ".join(f"sv[{i}]" for i in range(len(fields)))
     buf_type = "np.float32" if dtype == "float32" else "np.float64"
     out = [f"@numba.njit(parallel=True, cache=True, error_model=\"numpy\", nogil=True)",
-           f"def kernel({', '.join(args)}):",
-           f"    s = _S({fields_src})"]
+           f"def kernel({', '.join(args)}):"]
+    if not multi:
+        out.append(f"    s = _S({fields_src})")
     out += [f"    acc{q} = 0.0" for q in range(n_sums)]
-    if layout == "flat":
+    if multi:
+        if n_sums:
+            raise KernelUnsupported("multi-tensor kernels do not reduce")
+        pointer = {"f32": "_ptr_f32", "f64": "_ptr_f64", "b16": "_ptr_i16", "q8s": "_ptr_i8",
+                   "q8u": "_ptr_u8"}
+        out.append("    for c in numba.prange(starts[-1]):")
+        out.append("        t = np.searchsorted(starts, c, side=\"right\") - 1")
+        out.append("        sv = svs[t]")
+        out.append(f"        s = _S({fields_src})")
+        out.append("        n = ns[t]")
+        out.append("        seed = seeds[t]")
+        out.append("        first = (c - starts[t]) * CHUNK")
+        for j, kind in enumerate(kinds):
+            if kind in _FLOAT_ARRAYS:
+                out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), n)")
+                out.append(f"        sg{j} = sgs{j}[t]")
+            elif kind in ("q8s", "q8u"):
+                out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), n)")
+                out.append(f"        x{j} = numba.carray(_ptr_f32(px{j}[t]), "
+                           f"(n + {BLOCK - 1}) // {BLOCK})")
+            elif kind == "num":
+                out.append(f"        c{j} = cs{j}[t]")
+        if layout == "mflat":
+            out.append("        for i0 in range(first, min(first + CHUNK, n)):")
+            out.append("            i = np.uint64(i0)")
+            out.append(body(12, "i"))
+        else:
+            for k, j in stores:
+                if kinds[j] in ("q8s", "q8u"):
+                    out.append(f"        buf{j} = np.empty({BLOCK}, {buf_type})")
+            out.append(f"        nblk = (n + {BLOCK - 1}) // {BLOCK}")
+            out.append(f"        for b in range(first // {BLOCK}, "
+                       f"min(first // {BLOCK} + {GROUP}, nblk)):")
+            out.append(f"            lo = b * {BLOCK}")
+            out.append(f"            hi = min(lo + {BLOCK}, n)")
+            for j, kind in enumerate(kinds):
+                if kind in ("q8s", "q8u"):
+                    out.append(f"            u{j} = _block_unit(x{j}[b])")
+            out.append("            for i0 in range(lo, hi):")
+            out.append("                i = np.uint64(i0)")
+            out.append(body(16, "i"))
+            for k, j in stores:
+                if kinds[j] in ("q8s", "q8u"):
+                    which = "signed" if kinds[j] == "q8s" else "unsigned"
+                    out.append(f"            _encode_block_{which}(buf{j}, hi - lo, a{j}, x{j}, lo, "
+                               f"b, (seed + {j * 0x3C6EF372}) & 0x7FFFFFFF if sr_q8 else -1)")
+        out.append("    return ()")
+    elif layout == "flat":
         out.append("    for i in numba.prange(n):")
         out.append(body(8, "i"))
     elif layout == "block":
@@ -402,7 +465,8 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         out.append("        for kk0 in range(nm_):")
         out.append("            kk = np.uint64(kk0)")
         out.append(body(12, "np.uint64(row * nm_) + kk"))
-    out.append(f"    return ({''.join(f'acc{q}, ' for q in range(n_sums))})")
+    if not multi:
+        out.append(f"    return ({''.join(f'acc{q}, ' for q in range(n_sums))})")
     header = [
         "# Generated by adamkit.engines.fused_cpu; do not edit (regenerated when rules change).",
         "import numba",
@@ -419,9 +483,15 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         "from adamkit.engines.numba_ops import unsigned_decode as _unsigned_decode",
         "from adamkit.engines.numba_ops import encode_block_signed as _encode_block_signed",
         "from adamkit.engines.numba_ops import encode_block_unsigned as _encode_block_unsigned",
+        "from adamkit.engines.numba_ops import ptr_f32 as _ptr_f32",
+        "from adamkit.engines.numba_ops import ptr_f64 as _ptr_f64",
+        "from adamkit.engines.numba_ops import ptr_i16 as _ptr_i16",
+        "from adamkit.engines.numba_ops import ptr_i8 as _ptr_i8",
+        "from adamkit.engines.numba_ops import ptr_u8 as _ptr_u8",
         *imports,
         "",
         f"_E = {E}",
+        f"CHUNK = {CHUNK}",
         f"_S = _namedtuple('_S', {list(fields)!r})",
         "",
         "",
@@ -538,6 +608,63 @@ def _collapse_strides(t: Tensor, shape: torch.Size) -> tuple[int, int, int] | No
     return (batch_stride or 0, strides[-2], strides[-1])
 
 
+class KernelBatch:
+    """Maps deferred by :class:`FusedEngine` until ``flush()``, grouped by kernel.
+
+    An optimizer step on a model is a few hundred small maps with the same rule; run one by
+    one, each pays a Python call, Numba's argument dispatch and a thread-pool launch (tens of
+    microseconds, as long as updating a 100k-element tensor). Batched, those costs are paid once
+    per kernel: the multi-tensor kernel takes tables of per-tensor scalars, sizes, seeds and
+    operand addresses, and its parallel loop runs over every tensor's chunks of ``CHUNK``
+    elements, so small and large tensors share the threads.
+    """
+
+    def __init__(self):
+        self._groups: dict[tuple, list] = {}
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._groups.values())
+
+    def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep) -> None:
+        # ``keep`` holds the operand tensors so their memory outlives the addresses
+        self._groups.setdefault(spec, []).append((values, n, seed, operands, keep))
+
+    def flush(self) -> None:
+        import numpy as np
+
+        groups, self._groups = self._groups, {}
+        for spec, entries in groups.items():
+            fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8 = spec
+            key = ("multi",) + spec
+            kernel = _KERNELS.get(key) or _load_kernel(
+                key, fn, fields, kinds, stores, 0, n_results,
+                "float64" if dtype == torch.float64 else "float32", layout)
+            if fields:
+                svs = np.array([e[0] for e in entries], dtype=np.float64)
+            else:
+                svs = np.zeros((len(entries), 0), dtype=np.float64)
+            ns = np.array([e[1] for e in entries], dtype=np.int64)
+            starts = np.zeros(len(entries) + 1, dtype=np.int64)
+            np.cumsum((ns + (CHUNK - 1)) // CHUNK, out=starts[1:])
+            seeds = np.array([e[2] for e in entries], dtype=np.int64)
+            args = [svs, ns, starts, seeds, sr_b16, sr_q8]
+            for j, kind in enumerate(kinds):
+                if kind == "none":
+                    continue
+                first = np.array([e[3][j][0] for e in entries],
+                                 dtype=np.float64 if kind == "num" else np.uint64)
+                args.append(first)
+                if kind != "num":
+                    second = np.array([e[3][j][1] for e in entries],
+                                      dtype=np.float64 if kind in _FLOAT_ARRAYS else np.uint64)
+                    args.append(second)
+            if _serialize_calls():
+                with _lock:
+                    kernel(*args)
+            else:
+                kernel(*args)
+
+
 class FusedEngine:
     """Executes a rule's primitives with generated Numba kernels (see the module docstring).
 
@@ -548,14 +675,20 @@ class FusedEngine:
             operand; this is how ``maximize=True`` costs no extra pass.
         seed: seeds stochastic rounding (bfloat16 parameters with ``stochastic_bf16``, 8-bit
             state with ``stochastic_int8``).
+        batch: a :class:`KernelBatch` that collects single-pass maps without reductions instead
+            of running them; ``batch.flush()`` then runs all of them, one launch per kernel. The
+            tensors must not be touched in between (the optimizer flushes at the end of
+            ``step()``).
     """
 
     name = "fused"
 
     def __init__(self, dtype: torch.dtype, negate: Tensor | None = None, seed: int = 0,
-                 stochastic_bf16: bool = False, stochastic_int8: bool = False):
+                 stochastic_bf16: bool = False, stochastic_int8: bool = False,
+                 batch: "KernelBatch | None" = None):
         if not available():
             raise RuntimeError(f"the fused engine needs numba: {unavailable_reason()}")
+        self.batch = batch
         self.param_dtype = dtype
         self.dtype = compute_dtype(dtype)
         self.negate = negate
@@ -630,6 +763,22 @@ class FusedEngine:
             return [0.0] * n_sums
         fields = type(s)._fields
         n_results = len(outs) + n_sums
+        if self.batch is not None and n_sums == 0 and layout in ("flat", "block"):
+            operands = []
+            for t, kind in zip(ins, kinds):
+                if kind in _FLOAT_ARRAYS:
+                    operands.append((t.data_ptr(), -1.0 if t is self.negate else 1.0))
+                elif kind in ("q8s", "q8u"):
+                    operands.append((t.codes.data_ptr(), t.absmax.data_ptr()))
+                elif kind == "num":
+                    operands.append((float(t), 0.0))
+                else:
+                    operands.append((0, 0.0))
+            spec = (fn, tuple(kinds), tuple(stores), n_results, self.dtype,
+                    "mflat" if layout == "flat" else "mblock", fields,
+                    self.stochastic_bf16, self.stochastic_int8)
+            self.batch.add(spec, tuple(s), n, self.seed, operands, ins)
+            return []
         key = (fn, tuple(kinds), tuple(stores), n_sums, n_results, self.dtype, layout, fields)
         kernel = _KERNELS.get(key) or _load_kernel(
             key, fn, fields, kinds, stores, n_sums, n_results,

@@ -54,6 +54,31 @@ def bits_f32(typingctx, x):
     return types.float32(types.uint32), codegen
 
 
+def _pointer_intrinsic(element):
+    """An intrinsic turning an integer address into a ``CPointer(element)``, so a kernel can view
+    many tensors' memory (``numba.carray(ptr, n)``) from one table of addresses."""
+
+    @intrinsic
+    def pointer(typingctx, address):
+        if not isinstance(address, types.Integer):
+            return None
+        ptr_type = types.CPointer(element)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+        return ptr_type(address), codegen
+
+    return pointer
+
+
+ptr_f32 = _pointer_intrinsic(types.float32)
+ptr_f64 = _pointer_intrinsic(types.float64)
+ptr_i16 = _pointer_intrinsic(types.int16)
+ptr_i8 = _pointer_intrinsic(types.int8)
+ptr_u8 = _pointer_intrinsic(types.uint8)
+
+
 # ---- ops helpers ---------------------------------------------------------------------------
 
 
