@@ -334,7 +334,9 @@ class Optimizer(torch.optim.Optimizer):
             fused = blocker is None
         # 8-bit state is decoded and encoded inside the fused pass; every other path works on
         # float32 copies that are encoded back afterwards.
-        quantized = {k: v for k, v in slots.items() if isinstance(v, BlockQuantized)}
+        quantized = {}
+        if self.state_dtype == "int8":
+            quantized = {k: v for k, v in slots.items() if isinstance(v, BlockQuantized)}
         if quantized and (not fused or grad.is_sparse):
             slots.update({k: v.dequantize() for k, v in quantized.items()})
         else:

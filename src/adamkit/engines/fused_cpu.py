@@ -57,7 +57,7 @@ from .reference import ReferenceEngine, compute_dtype
 Tensor = torch.Tensor
 
 #: bump when the generated code changes in a way the hashed sources do not show
-KERNEL_FORMAT = 5
+KERNEL_FORMAT = 6
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -101,6 +101,8 @@ def cache_dir() -> Path:
 
 def unsupported_reason(t: Tensor) -> str | None:
     """Why the fused engine cannot update tensor ``t`` in place, or None if it can."""
+    if t.is_cpu and t.dtype in _KINDS and not t.is_sparse and t.is_contiguous():
+        return None  # the common case, first and cheap: this runs for every tensor and step
     if t.device.type != "cpu":
         return f"it is on device {t.device} (the fused engine runs on CPU)"
     if t.is_complex():
@@ -308,8 +310,9 @@ CHUNK = BLOCK * GROUP  # elements per parallel work item of the multi-tensor lay
 
 def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kinds: Sequence[str],
                    stores: Sequence[tuple[int, int]], n_sums: int, n_results: int, dtype: str,
-                   layout: str) -> str:
-    """Generate the kernel module. ``stores``: (result index, input index) pairs."""
+                   layout: str, negated: Sequence[int] = ()) -> str:
+    """Generate the kernel module. ``stores``: (result index, input index) pairs; ``negated``:
+    inputs read with their sign flipped (the gradient under ``maximize=True``)."""
     E = "np.float32" if dtype == "float32" else "np.float64"
     multi = layout in ("mflat", "mblock")
     if multi:
@@ -323,14 +326,14 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
     for j, kind in enumerate(kinds):
         if multi:
             if kind in _FLOAT_ARRAYS:
-                args += [f"pa{j}", f"sgs{j}"]
+                args.append(f"pa{j}")
             elif kind in ("q8s", "q8u"):
                 args += [f"pa{j}", f"px{j}"]
             elif kind == "num":
                 args.append(f"cs{j}")
             continue
         if kind in _FLOAT_ARRAYS:
-            args += [f"a{j}", f"sg{j}"]
+            args.append(f"a{j}")
         elif kind in ("q8s", "q8u"):
             args += [f"a{j}", f"x{j}"]
         elif kind == "num":
@@ -338,11 +341,14 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         if layout == "bcast" and kind in _FLOAT_ARRAYS:
             args += [f"st{j}_0", f"st{j}_1", f"st{j}_2"]
 
+    def sign(j):
+        return "-" if j in negated else ""
+
     def load(j, kind, index):
         if kind in ("f32", "f64"):
-            return f"_E(a{j}[{index}]) * _E(sg{j})"
+            return f"{sign(j)}_E(a{j}[{index}])"
         if kind == "b16":
-            return f"_E(_bf16_decode(a{j}[{index}])) * _E(sg{j})"
+            return f"{sign(j)}_E(_bf16_decode(a{j}[{index}]))"
         if kind == "q8s":
             return f"_E(_signed_decode(a{j}[{index}], u{j}))"
         if kind == "q8u":
@@ -398,7 +404,6 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         for j, kind in enumerate(kinds):
             if kind in _FLOAT_ARRAYS:
                 out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), n)")
-                out.append(f"        sg{j} = sgs{j}[t]")
             elif kind in ("q8s", "q8u"):
                 out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), n)")
                 out.append(f"        x{j} = numba.carray(_ptr_f32(px{j}[t]), "
@@ -528,6 +533,13 @@ def _writable_cache_dir() -> Path:
 
 
 _KERNELS: dict[tuple, Callable] = {}
+_KINDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "b16"}
+
+
+def _block_quantized():
+    from ..storage import BlockQuantized  # storage imports this module's helpers
+
+    return BlockQuantized
 
 
 def _serialize_calls() -> bool:
@@ -541,7 +553,7 @@ def _serialize_calls() -> bool:
 
 
 def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_results, dtype,
-                 layout) -> Callable:
+                 layout, negated=()) -> Callable:
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
@@ -551,7 +563,7 @@ def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_resu
             return kernel
         rule_src, imports, module_sources = _translate(fn, "rule")
         source = _kernel_source(rule_src, imports, fields, kinds, stores, n_sums, n_results,
-                                dtype, layout)
+                                dtype, layout, negated)
         h = hashlib.sha256(source.encode())
         h.update(_engine_sources_digest().encode())
         for text in module_sources:
@@ -634,11 +646,11 @@ class KernelBatch:
 
         groups, self._groups = self._groups, {}
         for spec, entries in groups.items():
-            fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8 = spec
+            fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated = spec
             key = ("multi",) + spec
             kernel = _KERNELS.get(key) or _load_kernel(
                 key, fn, fields, kinds, stores, 0, n_results,
-                "float64" if dtype == torch.float64 else "float32", layout)
+                "float64" if dtype == torch.float64 else "float32", layout, negated)
             if fields:
                 svs = np.array([e[0] for e in entries], dtype=np.float64)
             else:
@@ -654,10 +666,8 @@ class KernelBatch:
                 first = np.array([e[3][j][0] for e in entries],
                                  dtype=np.float64 if kind == "num" else np.uint64)
                 args.append(first)
-                if kind != "num":
-                    second = np.array([e[3][j][1] for e in entries],
-                                      dtype=np.float64 if kind in _FLOAT_ARRAYS else np.uint64)
-                    args.append(second)
+                if kind in ("q8s", "q8u"):
+                    args.append(np.array([e[3][j][1] for e in entries], dtype=np.uint64))
             if _serialize_calls():
                 with _lock:
                     kernel(*args)
@@ -710,29 +720,23 @@ class FusedEngine:
         return ReferenceEngine(self.param_dtype).map(fn, s, loaded, outs, n_sums)
 
     def map(self, fn: Callable, s, ins: Sequence, outs: Sequence, n_sums: int = 0) -> list[float]:
-        from ..storage import BlockQuantized
-
+        # This runs once per tensor and step: it is kept to plain loops and attribute reads.
         kinds: list[str] = []
         shapes = []
+        quantized = False
         for t in ins:
             if t is None:
                 kinds.append("none")
-            elif isinstance(t, BlockQuantized):
-                kinds.append("q8s" if t.signed else "q8u")
-                shapes.append(t.shape)
             elif isinstance(t, Tensor):
-                if t.dtype == torch.float32:
-                    kind = "f32"
-                elif t.dtype == torch.float64:
-                    kind = "f64"
-                elif t.dtype == torch.bfloat16:
-                    kind = "b16"
-                else:
-                    return self._fallback(fn, s, ins, outs, n_sums)
-                if t.device.type != "cpu" or not t.is_contiguous():
+                kind = _KINDS.get(t.dtype)
+                if kind is None or not t.is_cpu or not t.is_contiguous():
                     return self._fallback(fn, s, ins, outs, n_sums)
                 kinds.append(kind)
                 shapes.append(t.shape)
+            elif isinstance(t, _block_quantized()):
+                kinds.append("q8s" if t.signed else "q8u")
+                shapes.append(t.shape)
+                quantized = True
             elif isinstance(t, (int, float)):
                 kinds.append("num")
             else:
@@ -740,14 +744,17 @@ class FusedEngine:
         if not shapes:
             return self._fallback(fn, s, ins, outs, n_sums)
         shape = shapes[0]
-        if any(sh != shape for sh in shapes):
-            try:
-                shape = torch.broadcast_shapes(*shapes)
-            except RuntimeError:
-                return self._fallback(fn, s, ins, outs, n_sums)
+        layout = "flat"
+        for sh in shapes:
+            if sh != shape:
+                try:
+                    shape = torch.broadcast_shapes(*shapes)
+                except RuntimeError:
+                    return self._fallback(fn, s, ins, outs, n_sums)
+                layout = "bcast"
+                break
         n = math.prod(shape)
-        layout = "flat" if all(sh == shape for sh in shapes) else "bcast"
-        if any(k in ("q8s", "q8u") for k in kinds):
+        if quantized:
             if layout != "flat":
                 raise KernelUnsupported("8-bit state must have the parameter's shape")
             layout = "block"
@@ -755,19 +762,26 @@ class FusedEngine:
         for k, out in enumerate(outs):
             if out is None:
                 continue
-            j = next((j for j, t in enumerate(ins) if t is out), None)
-            if j is None or (layout == "bcast" and tuple(out.shape) != tuple(shape)):
+            for j, t in enumerate(ins):
+                if t is out:
+                    break
+            else:
+                return self._fallback(fn, s, ins, outs, n_sums)
+            if layout == "bcast" and tuple(out.shape) != tuple(shape):
                 return self._fallback(fn, s, ins, outs, n_sums)
             stores.append((k, j))
         if n == 0:
             return [0.0] * n_sums
         fields = type(s)._fields
         n_results = len(outs) + n_sums
+        # the sign flip of maximize=True is compiled in: such steps use their own kernels
+        negated = () if self.negate is None else tuple(
+            j for j, t in enumerate(ins) if t is self.negate and kinds[j] in _FLOAT_ARRAYS)
         if self.batch is not None and n_sums == 0 and layout in ("flat", "block"):
             operands = []
             for t, kind in zip(ins, kinds):
                 if kind in _FLOAT_ARRAYS:
-                    operands.append((t.data_ptr(), -1.0 if t is self.negate else 1.0))
+                    operands.append((t.data_ptr(), 0))
                 elif kind in ("q8s", "q8u"):
                     operands.append((t.codes.data_ptr(), t.absmax.data_ptr()))
                 elif kind == "num":
@@ -776,13 +790,14 @@ class FusedEngine:
                     operands.append((0, 0.0))
             spec = (fn, tuple(kinds), tuple(stores), n_results, self.dtype,
                     "mflat" if layout == "flat" else "mblock", fields,
-                    self.stochastic_bf16, self.stochastic_int8)
+                    self.stochastic_bf16, self.stochastic_int8, negated)
             self.batch.add(spec, tuple(s), n, self.seed, operands, ins)
             return []
-        key = (fn, tuple(kinds), tuple(stores), n_sums, n_results, self.dtype, layout, fields)
+        key = (fn, tuple(kinds), tuple(stores), n_sums, n_results, self.dtype, layout, fields,
+               negated)
         kernel = _KERNELS.get(key) or _load_kernel(
             key, fn, fields, kinds, stores, n_sums, n_results,
-            "float64" if self.dtype == torch.float64 else "float32", layout)
+            "float64" if self.dtype == torch.float64 else "float32", layout, negated)
 
         import numpy as np
 
@@ -794,7 +809,7 @@ class FusedEngine:
             args += sizes
         for t, kind in zip(ins, kinds):
             if kind in _FLOAT_ARRAYS:
-                args += [_numpy(t), -1.0 if t is self.negate else 1.0]
+                args.append(_numpy(t))
                 if layout == "bcast":
                     strides = _collapse_strides(t, shape)
                     if strides is None:
