@@ -378,7 +378,8 @@ def test_every_hyperparameter_is_checked(cls):
     import inspect
 
     args = [n for n in inspect.signature(cls.__init__).parameters
-            if n not in ("self", "params", "backend", "state_dtype", "on_nonfinite")]
+            if n not in ("self", "params", "backend", "state_dtype", "on_nonfinite",
+                         "stochastic_rounding")]
     opt = cls([torch.zeros(2, requires_grad=True)])
     assert set(cls.checks) == set(opt.defaults), cls.checks.keys() ^ opt.defaults.keys()
     assert set(args) <= set(cls.checks) | {"decoupled_weight_decay"}
@@ -429,3 +430,44 @@ def test_converges(info, function):
     distance = (x.detach() - torch.tensor(optimum, dtype=torch.float64)).norm().item()
     assert distance < tol, f"{info.name} on {function}: distance {distance:.3g} after {steps} steps"
     assert f(x.detach()).item() < 1e-3 * f0
+
+
+# ---- stochastic rounding of bfloat16 values -------------------------------------------------
+
+def _bf16_sgd_walk(backend: str, stochastic: bool, steps: int = 100) -> torch.Tensor:
+    # every update (1e-3) is under half a bfloat16 step at 1.0 (2**-8 below 1.0)
+    p = torch.ones(10_000, dtype=torch.bfloat16, requires_grad=True)
+    opt = adamkit.SGD([p], lr=1e-3, backend=backend, stochastic_rounding=stochastic)
+    for _ in range(steps):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    return p.detach().float()
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_stochastic_rounding_keeps_small_updates(backend):
+    nearest = _bf16_sgd_walk(backend, False)
+    assert torch.equal(nearest, torch.ones_like(nearest))  # rounded away every time
+    stochastic = _bf16_sgd_walk(backend, True)
+    # unbiased: E[p] = 1 - 100 * 1e-3. One element's spread after 100 steps is about
+    # 2**-8 * sqrt(100 * 0.26 * 0.74) = 0.017; the mean of 10,000 elements is 100x tighter.
+    assert abs(stochastic.mean().item() - 0.9) < 0.002
+    assert 0.01 < stochastic.std().item() < 0.03  # fresh random bits every step
+
+
+def test_stochastic_rounding_leaves_other_dtypes_alone():
+    results = []
+    for stochastic in (False, True):
+        torch.manual_seed(0)
+        p = torch.randn(64, requires_grad=True)
+        opt = adamkit.AdamW([p], lr=1e-2, stochastic_rounding=stochastic)
+        for _ in range(3):
+            p.grad = torch.randn(64)
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_stochastic_rounding_is_validated():
+    with pytest.raises(ValueError, match=r"Invalid stochastic_rounding: 1 \(must be True or False\)"):
+        adamkit.Adam([torch.zeros(2, requires_grad=True)], stochastic_rounding=1)

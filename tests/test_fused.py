@@ -289,3 +289,22 @@ def test_one_launch_for_all_tensors_equals_one_launch_per_tensor(
             elif hasattr(value, "codes"):
                 assert torch.equal(mine.codes, value.codes) and torch.equal(mine.absmax,
                                                                           value.absmax), key
+
+
+def test_count_nonfinite_over_many_tensors():
+    """The one-pass NaN/Inf count behind on_nonfinite='skip'/'raise', against torch.isfinite."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=gen).to(dtype)
+               for n, dtype in [(0, torch.float32), (1, torch.float32), (fused_cpu.CHUNK + 3,
+                                torch.float32), (5000, torch.float64), (777, torch.bfloat16),
+                                (2 * fused_cpu.CHUNK, torch.bfloat16)]]
+    assert fused_cpu.count_nonfinite(tensors) == 0
+    spots = [(1, 0, float("nan")), (2, fused_cpu.CHUNK, float("inf")),
+             (2, fused_cpu.CHUNK + 2, -float("inf")), (3, 4999, float("nan")),
+             (4, 0, float("inf")), (5, 2 * fused_cpu.CHUNK - 1, float("nan")),
+             (5, 5, 3.0e38)]  # the last one is finite in bfloat16
+    for i, k, value in spots:
+        tensors[i][k] = value
+    expected = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+    assert expected == 6
+    assert fused_cpu.count_nonfinite(tensors) == expected

@@ -44,6 +44,7 @@ def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "speed.json"
     code = speed.main(["--shapes", "resnet18", "--scale", "0.02", "--steps", "1", "--warmup",
                        "0", "--optimizers", "adamw,lion", "--state-dtype", "float32,int8",
+                       "--on-nonfinite", "apply,skip",
                        "--compare", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
@@ -58,6 +59,7 @@ def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
     assert ("adamw", "torch", "fused (torch)", "float32") in rows
     assert ("adamw", "torch", "foreach", "float32") in rows
     assert any(r[0] == "lion" and r[1] == "adamkit" and r[3] == "int8" for r in rows)
+    assert any(r[0] == "adamw" and r[1] == "adamkit" and r[2].endswith("+skip") for r in rows)
     for r in data["rows"]:
         assert r["ms_per_step"] > 0 and r["bytes_per_param"] > 0
     int8 = [r for r in data["rows"] if r["implementation"] == "adamkit"
@@ -75,5 +77,8 @@ def test_bad_arguments_are_rejected():
         parser.parse_args(["--state-dtype", "int4"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--scale", "0"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--on-nonfinite", "apply,ignore"])
+    assert parser.parse_args(["--on-nonfinite", "apply,skip"]).on_nonfinite == ["apply", "skip"]
     args = parser.parse_args(["--optimizers", "all"])
     assert "sparseadam" not in args.optimizers and "adamw" in args.optimizers

@@ -60,6 +60,13 @@ class Optimizer(torch.optim.Optimizer):
             (torch's behaviour: the step goes ahead), ``"skip"`` (nothing changes, not even step
             counts; ``skipped_steps`` goes up and a warning is issued once) or ``"raise"``
             (``FloatingPointError`` naming the group, parameter index and shape).
+        stochastic_rounding: ``False`` (default) rounds the float32 result of a bfloat16
+            parameter's update to the nearest bfloat16 (ties to even, as torch); ``True``
+            rounds up with probability equal to the dropped fraction, so updates smaller than
+            half a bfloat16 step still move the parameter on average. It applies to every
+            bfloat16 value a step writes (the parameter and ``state_dtype="bfloat16"`` state)
+            and has no effect on other dtypes. Random bits are a deterministic function of the
+            step, the tensor and the element index (the two engines draw different bits).
     """
 
     # ---- declared by each algorithm -------------------------------------------------------
@@ -120,8 +127,10 @@ class Optimizer(torch.optim.Optimizer):
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
+        stochastic_rounding: bool = False,
     ):
         validation.choice(*BACKENDS)("backend", backend)
+        validation.flag("stochastic_rounding", stochastic_rounding)
         validation.choice(*STATE_DTYPES)("state_dtype", state_dtype)
         validation.choice(*ON_NONFINITE)("on_nonfinite", on_nonfinite)
         if backend == "fused" and not fused_cpu.available():
@@ -133,6 +142,7 @@ class Optimizer(torch.optim.Optimizer):
         self.backend = backend
         self.state_dtype = state_dtype
         self.on_nonfinite = on_nonfinite
+        self.stochastic_rounding = stochastic_rounding
         self.skipped_steps = 0
         self._warned_nonfinite = False
         super().__init__(params, defaults)
@@ -143,6 +153,7 @@ class Optimizer(torch.optim.Optimizer):
             backend=self.backend,
             state_dtype=self.state_dtype,
             on_nonfinite=self.on_nonfinite,
+            stochastic_rounding=self.stochastic_rounding,
             skipped_steps=self.skipped_steps,
         )
         return state
@@ -152,7 +163,8 @@ class Optimizer(torch.optim.Optimizer):
         # older adamkit's): fill in any hyperparameter the saved groups lack.
         state = dict(state)
         for attr, default in (("backend", "auto"), ("state_dtype", None),
-                              ("on_nonfinite", "apply"), ("skipped_steps", 0)):
+                              ("on_nonfinite", "apply"), ("stochastic_rounding", False),
+                              ("skipped_steps", 0)):
             if not hasattr(self, attr):
                 setattr(self, attr, state.pop(attr, default))
             else:
@@ -220,6 +232,7 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.on_nonfinite != "apply" and not self._gradients_finite():
             return loss
+        self._steps_taken = getattr(self, "_steps_taken", 0) + 1
         # Single-pass rules on the fused engine are collected and run at the end, one kernel
         # launch for all tensors that share a kernel (see fused_cpu.KernelBatch).
         batch = None
@@ -241,17 +254,17 @@ class Optimizer(torch.optim.Optimizer):
     def _gradients_finite(self) -> bool:
         flags = []
         fast = self.backend != "reference" and fused_cpu.available()
+        batched = []  # read by one multithreaded pass (torch.isfinite would allocate masks)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     g = p.grad._values() if p.grad.is_sparse else p.grad
-                    if fast and fused_cpu.unsupported_reason(g) is None \
-                            and g.dtype != torch.bfloat16:
-                        # one parallel read, no temporary (torch.isfinite allocates a mask)
-                        flags.append(torch.tensor(fused_cpu.all_finite(g)))
+                    if fast and fused_cpu.unsupported_reason(g) is None:
+                        batched.append(g)
                     else:
                         flags.append(torch.isfinite(g).all())
-        if not flags or bool(torch.stack(flags).all()):
+        finite = not batched or fused_cpu.count_nonfinite(batched) == 0
+        if finite and (not flags or bool(torch.stack(flags).all())):
             return True
         if self.on_nonfinite == "raise":
             for gi, group in enumerate(self.param_groups):
@@ -342,7 +355,11 @@ class Optimizer(torch.optim.Optimizer):
         else:
             quantized = {}
         # seeds stochastic rounding of 8-bit state: deterministic, different every step
-        seed = (int(float(state.get("step", 0))) * 0x9E3779B1 + p.numel()) & 0x3FFFFFFF
+        # and of bfloat16 values (stochastic_rounding); optimizers without a step count (SGD)
+        # use the number of step() calls
+        count = int(float(state["step"])) if "step" in state else self._steps_taken
+        seed = (count * 0x9E3779B1 + p.numel() + (where[0] * 7919 + where[1]) * 0x632BE5AB) \
+            & 0x3FFFFFFF
         if group["maximize"] and (grad.is_sparse or not fused):
             grad = -grad
         if fused:
@@ -350,11 +367,14 @@ class Optimizer(torch.optim.Optimizer):
             engine = fused_cpu.FusedEngine(
                 p.dtype, negate=grad if group["maximize"] and not grad.is_sparse else None,
                 seed=seed, stochastic_int8=self.round_int8_stochastically,
+                stochastic_bf16=self.stochastic_rounding,
                 # sparse steps run on gathered copies that are scattered back right away
                 batch=None if grad.is_sparse else getattr(self, "_batch", None))
         else:
             # complex parameters run as real views: the engine computes in their real dtype
             engine = self._engine(torch.view_as_real(p) if p.is_complex() else p)
+            if self.stochastic_rounding:
+                engine.stochastic_seed = seed
         if grad.is_sparse:
             self._apply_sparse(engine, s, p, grad, slots)
         elif p.is_complex():

@@ -79,12 +79,14 @@ class AdaBound(Optimizer):
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
+        stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
                         weight_decay=weight_decay, amsbound=amsbound,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite,
+                         stochastic_rounding=stochastic_rounding)
 
     def setup_group(self, group):
         group.setdefault("base_lr", float(group["lr"]))

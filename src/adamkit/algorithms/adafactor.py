@@ -102,11 +102,13 @@ class Adafactor(Optimizer):
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
+        stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
                         weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite,
+                         stochastic_rounding=stochastic_rounding)
 
     def state_slots(self, group, p):
         return self.slot_names[:2] if p.dim() > 1 else self.slot_names[2:]

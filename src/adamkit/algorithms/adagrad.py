@@ -59,12 +59,14 @@ class Adagrad(Optimizer):
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
+        stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps,
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite,
+                         stochastic_rounding=stochastic_rounding)
 
     def setup_group(self, group):
         # torch creates Adagrad's state eagerly, so a fresh checkpoint already lists every

@@ -67,11 +67,13 @@ class Adam(Optimizer):
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
+        stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite,
+                         stochastic_rounding=stochastic_rounding)
 
     def state_slots(self, group, p):
         return self.slot_names if group["amsgrad"] else self.slot_names[:2]
@@ -129,7 +131,9 @@ class AdamW(Adam):
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
+        stochastic_rounding: bool = False,
     ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-                         backend=backend, state_dtype=state_dtype, on_nonfinite=on_nonfinite)
+                         backend=backend, state_dtype=state_dtype, on_nonfinite=on_nonfinite,
+                         stochastic_rounding=stochastic_rounding)

@@ -59,11 +59,13 @@ class RMSprop(Optimizer):
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
+        stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, maximize=maximize)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite,
+                         stochastic_rounding=stochastic_rounding)
 
     def state_slots(self, group, p):
         names = ["square_avg"]

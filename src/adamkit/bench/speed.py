@@ -16,6 +16,8 @@ optimizer, engine and state dtype with
   same process on the same parameters (below 1 is faster);
 * state B/param: bytes of optimizer state per parameter (float32 Adam: 8).
 
+``--on-nonfinite apply,skip`` times each adamkit optimizer with each mode (the engine column
+says ``+skip``), which shows what the NaN/Inf check of ``on_nonfinite="skip"`` costs.
 ``--compare`` adds torch.optim's foreach (and fused) implementations of the same algorithms and,
 when they are installed, the ``pytorch-optimizer`` package and bitsandbytes' 8-bit optimizers.
 """
@@ -258,7 +260,8 @@ def run_benchmark(args, out=print) -> dict:
     plans: list[tuple] = []
     for name in args.optimizers:
         for state_dtype in args.state_dtype:
-            plans.append(("adamkit", name, state_dtype))
+            for mode in getattr(args, "on_nonfinite", ["apply"]):
+                plans.append(("adamkit", name, (state_dtype, mode)))
         if args.compare:
             if name in TORCH_EQUIVALENTS:
                 plans.append(("torch-foreach", name, None))
@@ -270,17 +273,22 @@ def run_benchmark(args, out=print) -> dict:
                 plans.append(("bitsandbytes", name, None))
     results = []
     for kind, name, state_dtype in plans:
+        mode = "apply"
+        if kind == "adamkit":
+            state_dtype, mode = state_dtype
         kwargs = ADAMKIT_KWARGS.get(name, {})
         nbytes = bytes_per_param(name, state_dtype if kind == "adamkit" else None, kwargs)
         if kind == "adamkit":
-            def make(name=name, state_dtype=state_dtype, kwargs=kwargs):
+            def make(name=name, state_dtype=state_dtype, kwargs=kwargs, mode=mode):
                 return adamkit.create(name, params, backend=args.backend,
                                       state_dtype=None if state_dtype == "float32"
-                                      else state_dtype, **kwargs)
+                                      else state_dtype, on_nonfinite=mode, **kwargs)
             engine = args.backend
             if args.backend == "auto":
                 from adamkit.engines import fused_cpu
                 engine = "fused" if fused_cpu.available() else "reference"
+            if mode != "apply":
+                engine += f" +{mode}"
             label = ("adamkit", engine, state_dtype)
         elif kind.startswith("torch"):
             cls_name, tkw = TORCH_EQUIVALENTS[name]
@@ -386,6 +394,16 @@ def _state_dtypes(text: str) -> list[str]:
     return values
 
 
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("apply", "skip", "raise")]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(
+            f"unknown on_nonfinite mode {', '.join(bad) or repr(text)}; choose from apply, skip, "
+            "raise")
+    return modes
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -414,6 +432,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default float32)")
     parser.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
                         help="adamkit engine (default auto)")
+    parser.add_argument("--on-nonfinite", type=_modes, default=["apply"],
+                        help="comma-separated on_nonfinite modes to time: apply, skip, raise "
+                             "(default apply; 'apply,skip' shows what the NaN/Inf check costs)")
     parser.add_argument("--steps", type=_positive_int, default=10,
                         help="timed steps; the median is reported (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")

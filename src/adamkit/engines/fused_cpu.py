@@ -116,13 +116,32 @@ def unsupported_reason(t: Tensor) -> str | None:
     return None
 
 
-def all_finite(t: Tensor) -> bool:
-    """Whether a contiguous float32/float64 CPU tensor holds no NaN or Inf (one parallel pass)."""
+def count_nonfinite(tensors: Sequence[Tensor]) -> int:
+    """How many NaN/Inf elements the given contiguous CPU float tensors hold, counted in one
+    multithreaded pass over all of them (one launch per dtype)."""
+    import numpy as np
+
     from . import numba_ops
 
-    if t.numel() == 0:
-        return True
-    return bool(numba_ops.all_finite(t.detach().reshape(-1).numpy()))
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_dtype.setdefault(t.dtype, []).append(t)
+    bad = 0
+    for dtype, group in by_dtype.items():
+        ns = np.array([t.numel() for t in group], dtype=np.int64)
+        starts = np.zeros(len(group) + 1, dtype=np.int64)
+        np.cumsum((ns + (CHUNK - 1)) // CHUNK, out=starts[1:])
+        addresses = np.array([t.data_ptr() for t in group], dtype=np.uint64)
+        element = {torch.float32: np.float32, torch.float64: np.float64,
+                   torch.bfloat16: np.int16}[dtype]
+        args = (addresses, ns, starts, CHUNK, element, dtype == torch.bfloat16)
+        if _serialize_calls():
+            with _lock:
+                bad += numba_ops.count_nonfinite(*args)
+        else:
+            bad += numba_ops.count_nonfinite(*args)
+    return bad
 
 
 class KernelUnsupported(Exception):

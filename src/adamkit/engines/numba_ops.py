@@ -441,22 +441,40 @@ def sq_means_last_dims(x, rows, cols, n, m):
         cols[bk] = acc / n
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def all_finite(x):
-    bad = 0
-    for i in numba.prange(x.size):
-        if not np.isfinite(x[i]):
-            bad += 1
-    return bad == 0
+@intrinsic
+def void_ptr(typingctx, address):
+    """An integer address as a ``void*`` (``numba.carray(void_ptr(a), n, dtype)``)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(address), codegen
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def all_finite_bf16(x):
+@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+def count_nonfinite(addresses, ns, starts, chunk, dtype, bfloat16):
+    """Number of NaN/Inf elements over many tensors at once (one parallel pass).
+
+    Tensor ``t`` has ``ns[t]`` elements of ``dtype`` at ``addresses[t]``; the parallel loop runs
+    over every tensor's chunks of ``chunk`` elements (``starts``: cumulative chunk counts).
+    With ``bfloat16`` the elements are bfloat16 bit patterns read as int16 (``dtype``).
+    """
     bad = 0
-    for i in numba.prange(x.size):
-        if (np.int64(x[i]) & 0x7F80) == 0x7F80:
-            bad += 1
-    return bad == 0
+    for c in numba.prange(starts[-1]):
+        t = np.searchsorted(starts, c, side="right") - 1
+        a = numba.carray(void_ptr(addresses[t]), ns[t], dtype)
+        lo = (c - starts[t]) * chunk
+        k = 0
+        for i0 in range(lo, min(lo + chunk, ns[t])):
+            i = np.uint64(i0)
+            if bfloat16:
+                k += 1 if (np.int64(a[i]) & 0x7F80) == 0x7F80 else 0
+            else:
+                k += 0 if np.isfinite(a[i]) else 1
+        bad += k
+    return bad
 
 
 _ = math  # math is available to generated kernels through this module

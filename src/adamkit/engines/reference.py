@@ -19,6 +19,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def round_bfloat16_stochastic(x: Tensor, seed: int) -> Tensor:
+    """``x`` (computed in float32) rounded to bfloat16, up with probability equal to the dropped
+    fraction of a bfloat16 step, down otherwise: E[result] = x. NaN and Inf pass unchanged.
+
+    The 16 low bits of the float32 pattern are what bfloat16 drops; adding 16 uniform random
+    bits to the pattern carries into the kept bits exactly with that probability (for either
+    sign, as the pattern is sign and magnitude). Random bits come from a generator seeded with
+    ``seed``, so the global RNG is untouched and a step is reproducible.
+    """
+    x = x.to(torch.float32).contiguous()
+    generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32,
+                          device=x.device)
+    rounded = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+
+
 class ReferenceEngine:
     """Executes the primitives a rule's ``apply`` is written with, in eager torch.
 
@@ -33,8 +50,10 @@ class ReferenceEngine:
 
     name = "reference"
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, stochastic_seed: int | None = None):
         self.dtype = compute_dtype(dtype)
+        #: when set, bfloat16 outputs are rounded stochastically (random bits from this seed)
+        self.stochastic_seed = stochastic_seed
 
     def _load(self, t):
         if t is None or not isinstance(t, Tensor):
@@ -57,9 +76,13 @@ class ReferenceEngine:
                 f"{getattr(fn, '__qualname__', fn)} returned {len(results)} values, "
                 f"expected {len(outs)} outputs + {n_sums} sums"
             )
-        for out, value in zip(outs, results):
-            if out is not None:
-                out.copy_(value)
+        for k, (out, value) in enumerate(zip(outs, results)):
+            if out is None:
+                continue
+            if (self.stochastic_seed is not None and out.dtype == torch.bfloat16
+                    and isinstance(value, Tensor)):
+                value = round_bfloat16_stochastic(value, self.stochastic_seed + k)
+            out.copy_(value)
         sums = []
         for value in results[len(outs):]:
             sums.append(float(value.sum()) if isinstance(value, Tensor) else float(value))
