@@ -403,6 +403,29 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
 
     fields_src = ", ".join(f"sv[{i}]" for i in range(len(fields)))
     buf_type = "np.float32" if dtype == "float32" else "np.float64"
+
+    def block_group(first_block: str) -> list[str]:
+        """One parallel work item of the blockwise layouts: GROUP blocks from ``first_block``
+        (``nblk`` blocks in all). Scratch buffers collect a block's new values before it is
+        encoded; they are allocated once per group."""
+        lines = [f"        buf{j} = np.empty({BLOCK}, {buf_type})"
+                 for k, j in stores if kinds[j] in ("q8s", "q8u")]
+        lines.append(f"        for b in range({first_block}, min({first_block} + {GROUP}, nblk)):")
+        lines.append(f"            lo = b * {BLOCK}")
+        lines.append(f"            hi = min(lo + {BLOCK}, n)")
+        lines += [f"            u{j} = _block_unit(x{j}[b])"
+                  for j, kind in enumerate(kinds) if kind in ("q8s", "q8u")]
+        # unsigned indices: Numba then skips negative-index wraparound, which would stop the
+        # loop from vectorizing
+        lines.append("            for i0 in range(lo, hi):")
+        lines.append("                i = np.uint64(i0)")
+        lines.append(body(16, "i"))
+        for k, j in stores:
+            if kinds[j] in ("q8s", "q8u"):
+                which = "signed" if kinds[j] == "q8s" else "unsigned"
+                lines.append(f"            _encode_block_{which}(buf{j}, hi - lo, a{j}, x{j}, lo, "
+                             f"b, (seed + {j * 0x3C6EF372}) & 0x7FFFFFFF if sr_q8 else -1)")
+        return lines
     out = [f"@numba.njit(parallel=True, cache=True, error_model=\"numpy\", nogil=True)",
            f"def kernel({', '.join(args)}):"]
     if not multi:
@@ -433,55 +456,18 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             out.append("        for i0 in range(first, min(first + CHUNK, n)):")
             out.append("            i = np.uint64(i0)")
             out.append(body(12, "i"))
-        else:
-            for k, j in stores:
-                if kinds[j] in ("q8s", "q8u"):
-                    out.append(f"        buf{j} = np.empty({BLOCK}, {buf_type})")
+        else:  # CHUNK = GROUP blocks: a chunk is one group of the tensor's blocks
             out.append(f"        nblk = (n + {BLOCK - 1}) // {BLOCK}")
-            out.append(f"        for b in range(first // {BLOCK}, "
-                       f"min(first // {BLOCK} + {GROUP}, nblk)):")
-            out.append(f"            lo = b * {BLOCK}")
-            out.append(f"            hi = min(lo + {BLOCK}, n)")
-            for j, kind in enumerate(kinds):
-                if kind in ("q8s", "q8u"):
-                    out.append(f"            u{j} = _block_unit(x{j}[b])")
-            out.append("            for i0 in range(lo, hi):")
-            out.append("                i = np.uint64(i0)")
-            out.append(body(16, "i"))
-            for k, j in stores:
-                if kinds[j] in ("q8s", "q8u"):
-                    which = "signed" if kinds[j] == "q8s" else "unsigned"
-                    out.append(f"            _encode_block_{which}(buf{j}, hi - lo, a{j}, x{j}, lo, "
-                               f"b, (seed + {j * 0x3C6EF372}) & 0x7FFFFFFF if sr_q8 else -1)")
+            out += block_group(f"first // {BLOCK}")
         out.append("    return ()")
     elif layout == "flat":
         out.append("    for i in numba.prange(n):")
         out.append(body(8, "i"))
-    elif layout == "block":
-        # prange over groups of GROUP blocks, so the scratch buffers that collect a block's new
-        # values before it is encoded are allocated once per group
+    elif layout == "block":  # prange over groups of GROUP blocks
         out.append(f"    nblk = (n + {BLOCK - 1}) // {BLOCK}")
         out.append(f"    ngroups = (nblk + {GROUP - 1}) // {GROUP}")
         out.append("    for grp in numba.prange(ngroups):")
-        for k, j in stores:
-            if kinds[j] in ("q8s", "q8u"):
-                out.append(f"        buf{j} = np.empty({BLOCK}, {buf_type})")
-        out.append(f"        for b in range(grp * {GROUP}, min(grp * {GROUP} + {GROUP}, nblk)):")
-        out.append(f"            lo = b * {BLOCK}")
-        out.append(f"            hi = min(lo + {BLOCK}, n)")
-        for j, kind in enumerate(kinds):
-            if kind in ("q8s", "q8u"):
-                out.append(f"            u{j} = _block_unit(x{j}[b])")
-        # unsigned indices: Numba then skips negative-index wraparound, which would stop the
-        # loop from vectorizing
-        out.append("            for i0 in range(lo, hi):")
-        out.append("                i = np.uint64(i0)")
-        out.append(body(16, "i"))
-        for k, j in stores:
-            if kinds[j] in ("q8s", "q8u"):
-                which = "signed" if kinds[j] == "q8s" else "unsigned"
-                out.append(f"            _encode_block_{which}(buf{j}, hi - lo, a{j}, x{j}, lo, b, "
-                           f"(seed + {j * 0x3C6EF372}) & 0x7FFFFFFF if sr_q8 else -1)")
+        out += block_group(f"grp * {GROUP}")
     else:  # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast)
         out.append("    for row in numba.prange(nb_ * nn_):")
         out.append("        bb = row // nn_")
