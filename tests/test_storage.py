@@ -112,6 +112,10 @@ def test_kernel_codec_matches_torch_codec_bit_for_bit(signed):
     x[5] = math.nan
     x[300] = math.inf
     x[600:600 + BLOCK] = 0
+    # blocks whose scale needs the 2**64 and 2**-64 prescale factors: subnormal and huge values
+    x[1024:1024 + BLOCK] = torch.linspace(-1e-39, 1e-39, BLOCK)
+    x[1280:1280 + BLOCK] = torch.randn(BLOCK, generator=g) * 1e37
+    x[1536:1536 + BLOCK] = torch.randn(BLOCK, generator=g) * 1e-25
     if not signed:
         x = x.abs()
     codes, absmax = storage.encode(x, signed)

@@ -64,6 +64,17 @@ def _absmax(blocks: Tensor) -> Tensor:
     return a.amax(dim=1).float() if a.numel() else a.new_zeros(0).float()
 
 
+def _factors(absmax: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-block float32 ``scale`` and ``inverse`` with y = (|x| * scale) * inverse: scale is
+    2**64 below absmax 2**-60 and 2**-64 above 2**60 (else 1), so that inverse =
+    TOP / (absmax * scale) stays a normal float32 for every finite absmax; 0 for zero blocks."""
+    a = absmax.double()
+    scale = torch.where(a < 2.0**-60, 2.0**64, torch.where(a > 2.0**60, 2.0**-64, 1.0))
+    scaled = a * scale
+    inverse = torch.where(a > 0, TOP / torch.where(a > 0, scaled, 1.0), 0.0)
+    return scale.float(), inverse.float()
+
+
 def encode(x: Tensor, signed: bool, seed: int | None = None) -> tuple[Tensor, Tensor]:
     """8-bit codes (int8 if ``signed`` else uint8, shaped like ``x``) and per-block absmax.
 
@@ -75,27 +86,29 @@ def encode(x: Tensor, signed: bool, seed: int | None = None) -> tuple[Tensor, Te
     x = x.detach().to(torch.float32)
     blocks, n = _blocks(x)
     absmax = _absmax(blocks)
-    amax64 = absmax.double()[:, None]
-    inv = torch.where(amax64 > 0, TOP / amax64, torch.zeros((), dtype=torch.float64))
-    y = (blocks.double().abs() * inv).float()
-    y_bits = y.view(torch.int32).long()
+    scale, inverse = _factors(absmax)
+    # y = (|x| * scale) * inverse in float32, the kernels' arithmetic (numba_ops)
+    y = (blocks.abs() * scale[:, None]) * inverse[:, None]
     finite = torch.isfinite(blocks)
-    subnormal = y < 2.0**-14
+    # a subnormal code (y < 2**-14) is read from the bits of y + 2**-14 (mantissa in 2**-37)
+    small = y < 2.0**-14
+    y = torch.where(small, y + 2.0**-14, y)
+    y_bits = y.view(torch.int32).long() & 0xFFFFFFFF
+    shift = 20 if signed else 19
     if seed is None:
-        half = torch.full((), 0x80000 if signed else 0x40000, dtype=torch.long)
+        half = torch.full((), 1 << (shift - 1), dtype=torch.long)
     else:
         g = torch.Generator().manual_seed(int(seed))
-        half = torch.randint(0, 1 << (20 if signed else 19), blocks.shape, generator=g)
-    fraction = half.double() / (1 << (20 if signed else 19))
+        half = torch.randint(0, 1 << shift, blocks.shape, generator=g)
     if signed:
-        mag_sub = (y.double() * 131072.0 + fraction).long()
-        mag = torch.where(subnormal, mag_sub, ((y_bits + half) >> 20) - 896).clamp(max=127)
+        offset = torch.where(small, 904, 896)
+        mag = (((y_bits + half) >> 20) - offset).clamp(max=127)
         code = torch.where(blocks < 0, -mag, mag)
         code = torch.where(finite, code, torch.full_like(code, -128))
         codes = code.to(torch.int8)
     else:
-        mag_sub = (y.double() * 262144.0 + fraction).long().clamp(min=1)
-        mag = torch.where(subnormal, mag_sub, ((y_bits + half) >> 19) - 1792).clamp(max=254)
+        offset = torch.where(small, 1808, 1792)
+        mag = (((y_bits + half) >> 19) - offset).clamp(min=1, max=254)
         mag = torch.where(blocks > 0, mag, torch.zeros_like(mag))
         code = torch.where(finite, mag, torch.full_like(mag, 255))
         codes = code.to(torch.uint8)

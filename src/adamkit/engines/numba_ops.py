@@ -44,14 +44,59 @@ def f32_bits(typingctx, x):
 
 @intrinsic
 def bits_f32(typingctx, x):
-    """The float32 whose IEEE bits are the uint32 ``x``."""
-    if x != types.uint32:
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``x``."""
+    if not isinstance(x, types.Integer):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        return builder.bitcast(_i32(builder, args[0]), ir.FloatType())
 
-    return types.float32(types.uint32), codegen
+    return types.float32(x), codegen
+
+
+# ---- 32-bit unsigned integer arithmetic ------------------------------------------------------
+# Numba widens integer arithmetic to 64 bits, and LLVM can then vectorize the codecs only with
+# 64-bit lanes (half as many per instruction, and no 64-bit min or conversion in AVX2). These
+# intrinsics take any integers, use their low 32 bits (zero-extending narrower ones) and compute
+# in uint32 with wraparound, so the codec loops vectorize with 32-bit lanes.
+
+
+def _i32(builder, value):
+    width = value.type.width
+    if width > 32:
+        return builder.trunc(value, ir.IntType(32))
+    if width < 32:
+        return builder.zext(value, ir.IntType(32))
+    return value
+
+
+def _u32_intrinsic(make, doc):
+    @intrinsic
+    def op(typingctx, a, b):
+        if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return make(builder, _i32(builder, args[0]), _i32(builder, args[1]))
+
+        return types.uint32(a, b), codegen
+
+    op.__doc__ = doc
+    return op
+
+
+u32_add = _u32_intrinsic(lambda b, x, y: b.add(x, y), "a + b modulo 2**32")
+u32_sub = _u32_intrinsic(lambda b, x, y: b.sub(x, y), "a - b modulo 2**32")
+u32_mul = _u32_intrinsic(lambda b, x, y: b.mul(x, y), "a * b modulo 2**32")
+u32_and = _u32_intrinsic(lambda b, x, y: b.and_(x, y), "a & b")
+u32_or = _u32_intrinsic(lambda b, x, y: b.or_(x, y), "a | b")
+u32_xor = _u32_intrinsic(lambda b, x, y: b.xor(x, y), "a ^ b")
+u32_shl = _u32_intrinsic(lambda b, x, y: b.shl(x, y), "a << b (b < 32)")
+u32_shr = _u32_intrinsic(lambda b, x, y: b.lshr(x, y), "a >> b, logical (b < 32)")
+u32_min = _u32_intrinsic(lambda b, x, y: b.select(b.icmp_unsigned("<", x, y), x, y),
+                         "min(a, b) as unsigned")
+u32_max = _u32_intrinsic(lambda b, x, y: b.select(b.icmp_unsigned(">", x, y), x, y),
+                         "max(a, b) as unsigned")
 
 
 def _pointer_intrinsic(element):
@@ -212,14 +257,14 @@ def _as_tuple(x):
 
 @register_jitable
 def random32(i, seed):
-    """32 well-mixed bits from an element index and a per-call seed (lowbias32 finaliser)."""
-    x = (np.uint64(i) * np.uint64(0x9E3779B9) + np.uint64(seed)) & np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x7FEB352D)) & np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(15)
-    x = (x * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(16)
-    return x
+    """32 well-mixed bits (uint32) from an element index and a per-call seed (lowbias32
+    finaliser of ``i * 0x9E3779B9 + seed`` modulo 2**32)."""
+    x = u32_add(u32_mul(i, 0x9E3779B9), seed)
+    x = u32_xor(x, u32_shr(x, 16))
+    x = u32_mul(x, 0x7FEB352D)
+    x = u32_xor(x, u32_shr(x, 15))
+    x = u32_mul(x, 0x846CA68B)
+    return u32_xor(x, u32_shr(x, 16))
 
 
 # ---- bfloat16 ------------------------------------------------------------------------------
@@ -228,36 +273,39 @@ def random32(i, seed):
 @register_jitable
 def bf16_decode(h):
     """bfloat16 bits (stored as int16) to float32, exactly."""
-    return bits_f32(np.uint32((np.int64(h) & 0xFFFF) << 16))
+    return bits_f32(u32_shl(h, 16))  # u32_* zero-extend the int16
 
 
 @register_jitable
 def bf16_encode(x):
     """float32 to bfloat16 bits (int16), rounding to nearest-even; NaN stays NaN."""
-    b = np.int64(f32_bits(np.float32(x)))
-    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    quiet_nan = (b >> 16) | 0x40  # sign kept
-    return np.int16((quiet_nan if x != x else rounded) & 0xFFFF)
+    b = f32_bits(np.float32(x))
+    rounded = u32_shr(u32_add(u32_add(b, 0x7FFF), u32_and(u32_shr(b, 16), 1)), 16)
+    quiet_nan = u32_or(u32_shr(b, 16), 0x40)  # sign kept
+    return np.int16(quiet_nan if x != x else rounded)
 
 
 @register_jitable
 def bf16_encode_stochastic(x, bits):
     """float32 to bfloat16 bits, rounding up with probability equal to the dropped fraction."""
-    b = np.int64(f32_bits(np.float32(x)))
-    rounded = (b + (np.int64(bits) & 0xFFFF)) >> 16
-    quiet_nan = (b >> 16) | 0x40
-    return np.int16((quiet_nan if x != x else rounded) & 0xFFFF)
+    b = f32_bits(np.float32(x))
+    rounded = u32_shr(u32_add(b, u32_and(bits, 0xFFFF)), 16)
+    quiet_nan = u32_or(u32_shr(b, 16), 0x40)
+    return np.int16(quiet_nan if x != x else rounded)
 
 
 # ---- 8-bit blockwise codes -----------------------------------------------------------------
 # y = |x| / unit with unit = absmax / 1.875, so y lies in [0, 1.875], the largest code's value.
 # Normal codes: y = (1 + mantissa / 2**M) * 2**(e - 15), e = 1..15; subnormal (e = 0):
 # y = mantissa / 2**M * 2**-14. In float32 bits that is a shift of (23 - M) bits and an
-# exponent offset of 112.
+# exponent offset of 112. Encoding computes y = (|x| * scale) * inverse in float32 with the
+# block's two factors from block_factors(); a subnormal y is encoded from the bits of
+# y + 2**-14, whose mantissa then holds y in units of 2**-37.
 
 SIGNED_NAN = -128
 UNSIGNED_NAN = 255
 TOP = 1.875
+TWO_M14 = 6.103515625e-05  # 2**-14
 
 
 @register_jitable
@@ -267,113 +315,118 @@ def block_unit(absmax):
 
 
 @register_jitable
-def block_inverse(absmax):
-    """1 / unit as float64 (finite even for a subnormal absmax); 0 for an all-zero block."""
+def block_factors(absmax):
+    """(scale, inverse), float32, with y = (|x| * scale) * inverse: ``scale`` is 2**64 for a
+    block with absmax < 2**-60, 2**-64 above 2**60, else 1, so that ``inverse`` =
+    1.875 / (absmax * scale) is a normal float32; both are 0 for an all-zero block."""
     a = np.float64(absmax)
-    return 1.875 / a if a > 0 else 0.0
+    scale = 18446744073709551616.0 if a < 8.673617379884035e-19 else (
+        5.421010862427522e-20 if a > 1.152921504606847e18 else 1.0)
+    inverse = 1.875 / (a * scale) if a > 0 else 0.0
+    return np.float32(scale), np.float32(inverse)
 
 
-# Encoders and decoders are written as selects without early returns so that the kernel loop
-# around them vectorizes.
+# Encoders and decoders are written as selects without early returns, in 32-bit integers,
+# so that the kernel loops around them vectorize.
 
 
 @register_jitable
 def signed_decode(c, unit):
-    code = np.int64(c)
-    mag = abs(code)
-    normal = bits_f32(np.uint32(((mag + 896) << 20) & 0xFFFFFFFF))
+    code = np.int32(c)
+    negative = code < 0
+    mag = u32_sub(0, code) if negative else u32_and(code, 0xFF)
+    normal = bits_f32(u32_shl(u32_add(mag, 896), 20))
     sub = np.float32(mag) * np.float32(7.62939453125e-06)  # 2**-17
-    y = normal if mag >= 8 else sub
+    y = normal if mag >= np.uint32(8) else sub
     v = y * unit
-    v = -v if code < 0 else v
+    v = -v if negative else v
     return np.float32(np.nan) if code == -128 else v
 
 
 @register_jitable
-def signed_encode(x, inv_unit, half):
-    """Code of ``x``; ``inv_unit`` = 1 / unit (float64); ``half`` in [0, 2**20): 2**19 rounds
-    to nearest, uniform random bits round stochastically."""
+def signed_encode(x, scale, inverse, half):
+    """Code of ``x`` (see block_factors); ``half`` in [0, 2**20): 2**19 rounds to nearest,
+    uniform random bits round stochastically."""
     xf = np.float32(x)
-    y = np.float32(np.float64(abs(xf)) * inv_unit)
-    normal = ((np.int64(f32_bits(y)) + half) >> 20) - 896
-    sub = np.int64(y * np.float32(131072.0) + np.float32(half) * np.float32(9.5367431640625e-07))
-    mag = sub if y < np.float32(6.103515625e-05) else normal
-    mag = min(mag, 127)
-    code = -mag if xf < 0 else mag
-    finite = abs(xf) < np.float32(np.inf)
-    return np.int8(code if finite else -128)
+    ax = bits_f32(u32_and(f32_bits(xf), 0x7FFFFFFF))
+    y = (ax * scale) * inverse
+    small = y < np.float32(TWO_M14)
+    y = y + np.float32(TWO_M14) if small else y
+    mag = u32_sub(u32_shr(u32_add(f32_bits(y), half), 20), 904 if small else 896)
+    mag = u32_min(mag, 127)
+    code = u32_sub(0, mag) if xf < 0 else mag
+    return np.int8(code if ax < np.float32(np.inf) else np.uint32(0x80))
 
 
 @register_jitable
 def unsigned_decode(c, unit):
-    code = np.int64(c) & 0xFF
-    normal = bits_f32(np.uint32(((code + 1792) << 19) & 0xFFFFFFFF))
+    code = u32_and(c, 0xFF)
+    normal = bits_f32(u32_shl(u32_add(code, 1792), 19))
     sub = np.float32(code) * np.float32(3.814697265625e-06)  # 2**-18
-    y = normal if code >= 16 else sub
+    y = normal if code >= np.uint32(16) else sub
     v = y * unit
-    return np.float32(np.nan) if code == 255 else v
+    return np.float32(np.nan) if code == np.uint32(255) else v
 
 
 @register_jitable
-def unsigned_encode(x, inv_unit, half):
+def unsigned_encode(x, scale, inverse, half):
     """Code of ``x`` >= 0 (negative values encode as 0); a positive value never encodes as 0,
     so a second moment never decodes to zero. ``half`` in [0, 2**19)."""
     xf = np.float32(x)
-    y = np.float32(np.float64(xf) * inv_unit)
-    normal = ((np.int64(f32_bits(y)) + half) >> 19) - 1792
-    sub = np.int64(y * np.float32(262144.0) + np.float32(half) * np.float32(1.9073486328125e-06))
-    sub = max(sub, 1)
-    mag = sub if y < np.float32(6.103515625e-05) else normal
-    mag = min(mag, 254)
-    mag = mag if xf > 0 else 0
+    y = (xf * scale) * inverse
+    small = y < np.float32(TWO_M14)
+    y = y + np.float32(TWO_M14) if small else y
+    mag = u32_sub(u32_shr(u32_add(f32_bits(y), half), 19), 1808 if small else 1792)
+    mag = u32_min(u32_max(mag, 1), 254)
+    mag = mag if xf > 0 else np.uint32(0)
     finite = abs(xf) < np.float32(np.inf)
-    return np.uint8(mag if finite else 255)
+    return np.uint8(mag if finite else np.uint32(255))
 
 
 @register_jitable
 def finite_absmax(buf, m):
     """Largest finite |value| of buf[:m] as float32, from the IEEE bits (an integer max)."""
-    best = 0
+    best = np.uint32(0)
     for k0 in range(m):
         k = np.uint64(k0)
-        b = np.int64(f32_bits(np.float32(buf[k]))) & 0x7FFFFFFF
-        b = b if b < 0x7F800000 else 0
-        best = max(best, b)
-    return bits_f32(np.uint32(best))
+        b = u32_and(f32_bits(np.float32(buf[k])), 0x7FFFFFFF)
+        b = b if b < np.uint32(0x7F800000) else np.uint32(0)
+        best = u32_max(best, b)
+    return bits_f32(best)
 
 
 @register_jitable
 def encode_block_signed(buf, m, codes, absmax, lo, b, seed):
     amax = finite_absmax(buf, m)
     absmax[b] = amax
-    inv = block_inverse(amax)
+    scale, inverse = block_factors(amax)
     base = np.uint64(lo)
     if seed < 0:
         for k0 in range(m):
             k = np.uint64(k0)
-            codes[base + k] = signed_encode(buf[k], inv, 524288)
+            codes[base + k] = signed_encode(buf[k], scale, inverse, 524288)
     else:
         for k0 in range(m):
             k = np.uint64(k0)
             codes[base + k] = signed_encode(
-                buf[k], inv, np.int64(random32(lo + k0, seed) >> np.uint64(12)))
+                buf[k], scale, inverse, u32_shr(random32(lo + k0, seed), 12))
 
 
 @register_jitable
 def encode_block_unsigned(buf, m, codes, absmax, lo, b, seed):
     amax = finite_absmax(buf, m)
     absmax[b] = amax
-    inv = block_inverse(amax)
+    scale, inverse = block_factors(amax)
     base = np.uint64(lo)
     if seed < 0:
         for k0 in range(m):
             k = np.uint64(k0)
-            codes[base + k] = unsigned_encode(buf[k], inv, 262144)
+            codes[base + k] = unsigned_encode(buf[k], scale, inverse, 262144)
     else:
         for k0 in range(m):
             k = np.uint64(k0)
             codes[base + k] = unsigned_encode(
-                buf[k], inv, np.int64(random32(lo + k0, seed) >> np.uint64(13)))
+                buf[k], scale, inverse, u32_shr(random32(lo + k0, seed), 13))
 
 
 # ---- whole-tensor helpers called from Python -----------------------------------------------
