@@ -131,6 +131,32 @@ def test_kernel_codec_matches_torch_codec_bit_for_bit(signed):
     assert torch.equal(torch.nan_to_num(decoded, nan=7.0), torch.nan_to_num(expected, nan=7.0))
 
 
+@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@pytest.mark.parametrize("name,slot,signed,target", [("sgd", "momentum_buffer", True, 1.03),
+                                                     ("adagrad", "sum", False, 1.0416)])
+def test_fused_kernel_rounds_int8_state_stochastically_without_bias(name, slot, signed, target):
+    # after one step SGD's momentum buffer is the gradient and Adagrad's sum is its square; the
+    # target lies between two codes of a block whose absmax is 2, so round-to-nearest is off by
+    # 0.037 (signed) or 0.008 (unsigned), and stochastic rounding (16 random bits per element
+    # in the kernels) must average out to the target over 64 blocks
+    g = torch.full((64, BLOCK), target if signed else math.sqrt(target))
+    g[:, 0] = 2.0 if signed else math.sqrt(2.0)
+    errors = {}
+    for stochastic in (False, True):
+        p = torch.zeros(64 * BLOCK, requires_grad=True)
+        opt = adamkit.create(name, [p], lr=1e-3, backend="fused", state_dtype="int8",
+                             **({"momentum": 0.9} if signed else {}))
+        opt.round_int8_stochastically = stochastic
+        p.grad = g.reshape(-1).clone()
+        opt.step()
+        state = opt.state[p][slot]
+        assert isinstance(state, BlockQuantized) and state.signed == signed
+        mean = state.dequantize().view(64, BLOCK)[:, 1:].double().mean().item()
+        errors[stochastic] = abs(mean - target)
+    assert errors[False] > (0.03 if signed else 0.006)
+    assert errors[True] < 0.1 * errors[False], errors
+
+
 def test_int8_state_layout_and_small_tensors():
     big = torch.zeros(64, 128, requires_grad=True)  # 8192 elements: 8-bit codes
     small = torch.zeros(100, requires_grad=True)  # stays float32

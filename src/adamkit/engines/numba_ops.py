@@ -384,14 +384,18 @@ def unsigned_encode(x, scale, inverse, half):
 
 
 @register_jitable
+def finite_abs_bits(x):
+    """IEEE bits of |float32(x)| if finite, else 0: their unsigned max is the finite absmax."""
+    b = u32_and(f32_bits(np.float32(x)), 0x7FFFFFFF)
+    return b if b < np.uint32(0x7F800000) else np.uint32(0)
+
+
+@register_jitable
 def finite_absmax(buf, m):
     """Largest finite |value| of buf[:m] as float32, from the IEEE bits (an integer max)."""
     best = np.uint32(0)
     for k0 in range(m):
-        k = np.uint64(k0)
-        b = u32_and(f32_bits(np.float32(buf[k])), 0x7FFFFFFF)
-        b = b if b < np.uint32(0x7F800000) else np.uint32(0)
-        best = u32_max(best, b)
+        best = u32_max(best, finite_abs_bits(buf[np.uint64(k0)]))
     return bits_f32(best)
 
 
