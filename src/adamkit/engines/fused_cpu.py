@@ -157,7 +157,7 @@ def count_nonfinite(tensors: Sequence[Tensor]) -> int:
         addresses = np.array([t.data_ptr() for t in group], dtype=np.uint64)
         element = {torch.float32: np.float32, torch.float64: np.float64,
                    torch.bfloat16: np.int16}[dtype]
-        args = (addresses, ns, starts, CHUNK, element, dtype == torch.bfloat16)
+        args = (addresses, ns, starts, CHUNK, element)
         if _serialize_calls():
             with _lock:
                 bad += numba_ops.count_nonfinite(*args)
