@@ -1,9 +1,9 @@
 """The fused CPU engine against the reference engine (the oracle), for every optimizer.
 
 One table drives the comparison: every registered optimizer with each of its flag variants
-(plus ``maximize``), stepped 10 times in float64 and float32 on the same parameter set (several
-param groups; a zero-size, a single-element and a non-contiguous tensor among them). Parameters
-and every state tensor must agree to 1e-12 (float64) or 1e-5 (float32), measured as
+(plus ``maximize``), stepped 10 times in float64 and float32 on the same parameter set
+(several param groups; a zero-size, a single-element, a non-contiguous and a large tensor
+among them). Parameters and every state tensor must agree to 1e-12 (float64) or 1e-5 (float32), measured as
 max|fused - reference| / max|reference| per tensor.
 
 Compiled kernels live in the kernel cache (``ADAMKIT_CACHE_DIR`` or ~/.cache/adamkit/kernels),
@@ -71,7 +71,11 @@ def _make_params(dtype, sparse: bool):
         return [[rnd(40, 8), rnd(1, 3)], [rnd(0, 4), rnd(300, 2)]]
     transposed = rnd(9, 6).t()  # non-contiguous: "auto" runs the reference engine on it
     assert not transposed.is_contiguous()
-    return [[rnd(33, 17), rnd(1), rnd(0), rnd(5, 3, 4)], [rnd(1000), transposed, rnd(2, 1)]]
+    # 257 x 513 is above fused_cpu.SERIAL_BELOW: its per-tensor kernels (reductions) run on
+    # the thread pool, over several chunks; the others run on the calling thread
+    big = rnd(257, 513)
+    assert big.numel() >= fused_cpu.SERIAL_BELOW
+    return [[rnd(33, 17), rnd(1), rnd(0), rnd(5, 3, 4)], [rnd(1000), transposed, rnd(2, 1), big]]
 
 
 def _grads(params, step, sparse: bool):

@@ -57,7 +57,7 @@ from .reference import ReferenceEngine, compute_dtype
 Tensor = torch.Tensor
 
 #: bump when the generated code changes in a way the hashed sources do not show
-KERNEL_FORMAT = 7
+KERNEL_FORMAT = 8
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -347,13 +347,18 @@ _FLOAT_ARRAYS = ("f32", "f64", "b16")
 BLOCK = 256
 GROUP = 64  # blocks per parallel work item of the blockwise layout
 CHUNK = BLOCK * GROUP  # elements per parallel work item of the multi-tensor layouts
+# Per-tensor kernels (rules with reductions, sparse rows) for fewer elements than this run on
+# the calling thread: a launch on Numba's workqueue threads costs 50-200 us on a 2-core machine,
+# the time one core takes to update about 100k elements.
+SERIAL_BELOW = 1 << 17
 
 
 def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kinds: Sequence[str],
                    stores: Sequence[tuple[int, int]], n_sums: int, n_results: int, dtype: str,
-                   layout: str, negated: Sequence[int] = ()) -> str:
+                   layout: str, negated: Sequence[int] = (), parallel: bool = True) -> str:
     """Generate the kernel module. ``stores``: (result index, input index) pairs; ``negated``:
-    inputs read with their sign flipped (the gradient under ``maximize=True``)."""
+    inputs read with their sign flipped (the gradient under ``maximize=True``); ``parallel``:
+    whether the outer loop runs on Numba's threads (else ``prange`` is a plain loop)."""
     E = "np.float32" if dtype == "float32" else "np.float64"
     multi = layout in ("mflat", "mblock")
     if multi:
@@ -420,8 +425,8 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             else:  # 8-bit: keep the block's new values and their finite absmax (IEEE bits)
                 lines.append(f"buf{j}[{flat_index} - np.uint64(lo)] = r[{k}]")
                 lines.append(f"amax{j} = _u32_max(amax{j}, _finite_abs_bits(r[{k}]))")
-        for q in range(n_sums):
-            lines.append(f"acc{q} += np.float64(r[{n_results - n_sums + q}])")
+        for q in range(n_sums):  # per work item; added to acc{q} at its end
+            lines.append(f"lacc{q} = _add_reassoc(lacc{q}, np.float64(r[{n_results - n_sums + q}]))")
         return textwrap.indent("\n".join(lines), " " * ind)
 
     fields_src = ", ".join(f"sv[{i}]" for i in range(len(fields)))
@@ -456,6 +461,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         scratch buffer (allocated once per group) and tracks their absmax; a second loop over
         the block then encodes all of them."""
         lines = [f"        buf{j} = np.empty({BLOCK}, {buf_type})" for k, j in quantized]
+        lines += [f"        lacc{q} = 0.0" for q in range(n_sums)]
         lines.append(f"        for b in range({first_block}, min({first_block} + {GROUP}, nblk)):")
         lines.append(f"            lo = b * {BLOCK}")
         lines.append(f"            hi = min(lo + {BLOCK}, n)")
@@ -478,8 +484,9 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             lines += encode_loop(True)
             lines.append("            else:")
             lines += encode_loop(False)
+        lines += [f"        acc{q} += lacc{q}" for q in range(n_sums)]
         return lines
-    out = [f"@numba.njit(parallel=True, cache=True, error_model=\"numpy\", nogil=True)",
+    out = [f"@numba.njit(parallel={parallel}, cache=True, error_model=\"numpy\", nogil=True)",
            f"def kernel({', '.join(args)}):"]
     if not multi:
         out.append(f"    s = _S({fields_src})")
@@ -513,9 +520,13 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             out.append(f"        nblk = (n + {BLOCK - 1}) // {BLOCK}")
             out += block_group(f"first // {BLOCK}")
         out.append("    return ()")
-    elif layout == "flat":
-        out.append("    for i in numba.prange(n):")
-        out.append(body(8, "i"))
+    elif layout == "flat":  # prange over chunks of CHUNK elements
+        out.append("    for c in numba.prange((n + CHUNK - 1) // CHUNK):")
+        out += [f"        lacc{q} = 0.0" for q in range(n_sums)]
+        out.append("        for i0 in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):")
+        out.append("            i = np.uint64(i0)")
+        out.append(body(12, "i"))
+        out += [f"        acc{q} += lacc{q}" for q in range(n_sums)]
     elif layout == "block":  # prange over groups of GROUP blocks
         out.append(f"    nblk = (n + {BLOCK - 1}) // {BLOCK}")
         out.append(f"    ngroups = (nblk + {GROUP - 1}) // {GROUP}")
@@ -525,9 +536,11 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         out.append("    for row in numba.prange(nb_ * nn_):")
         out.append("        bb = row // nn_")
         out.append("        jj = row - bb * nn_")
+        out += [f"        lacc{q} = 0.0" for q in range(n_sums)]
         out.append("        for kk0 in range(nm_):")
         out.append("            kk = np.uint64(kk0)")
         out.append(body(12, "np.uint64(row * nm_) + kk"))
+        out += [f"        acc{q} += lacc{q}" for q in range(n_sums)]
     if not multi:
         out.append(f"    return ({''.join(f'acc{q}, ' for q in range(n_sums))})")
     header = [
@@ -549,6 +562,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         "from adamkit.engines.numba_ops import signed_encode as _signed_encode",
         "from adamkit.engines.numba_ops import unsigned_encode as _unsigned_encode",
         "from adamkit.engines.numba_ops import bits_f32 as _bits_f32",
+        "from adamkit.engines.numba_ops import add_reassoc as _add_reassoc",
         "from adamkit.engines.numba_ops import u32_add as _u32_add",
         "from adamkit.engines.numba_ops import u32_and as _u32_and",
         "from adamkit.engines.numba_ops import u32_max as _u32_max",
@@ -620,7 +634,7 @@ def _serialize_calls() -> bool:
 
 
 def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_results, dtype,
-                 layout, negated=()) -> Callable:
+                 layout, negated=(), parallel: bool = True) -> Callable:
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
@@ -630,7 +644,7 @@ def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_resu
             return kernel
         rule_src, imports, module_sources = _translate(fn, "rule")
         source = _kernel_source(rule_src, imports, fields, kinds, stores, n_sums, n_results,
-                                dtype, layout, negated)
+                                dtype, layout, negated, parallel)
         h = hashlib.sha256(source.encode())
         h.update(_engine_sources_digest().encode())
         for text in module_sources:
@@ -860,11 +874,13 @@ class FusedEngine:
                     self.stochastic_bf16, self.stochastic_int8, negated)
             self.batch.add(spec, tuple(s), n, self.seed, operands, ins)
             return []
+        # a small tensor runs on the calling thread: waking the thread pool costs more
+        parallel = n >= SERIAL_BELOW
         key = (fn, tuple(kinds), tuple(stores), n_sums, n_results, self.dtype, layout, fields,
-               negated)
+               negated, parallel)
         kernel = _KERNELS.get(key) or _load_kernel(
             key, fn, fields, kinds, stores, n_sums, n_results,
-            "float64" if self.dtype == torch.float64 else "float32", layout, negated)
+            "float64" if self.dtype == torch.float64 else "float32", layout, negated, parallel)
 
         import numpy as np
 

@@ -54,6 +54,19 @@ def bits_f32(typingctx, x):
     return types.float32(x), codegen
 
 
+@intrinsic
+def add_reassoc(typingctx, a, b):
+    """a + b for float64, marked reassociable: a loop summing with it vectorizes (partial
+    sums in each vector lane, added at the end), which a strict left-to-right sum cannot."""
+    if a != types.float64 or b != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1], flags=("reassoc",))
+
+    return types.float64(a, b), codegen
+
+
 # ---- 32-bit unsigned integer arithmetic ------------------------------------------------------
 # Numba widens integer arithmetic to 64 bits, and LLVM can then vectorize the codecs only with
 # 64-bit lanes (half as many per instruction, and no 64-bit min or conversion in AVX2). These
