@@ -3,8 +3,8 @@
 One table drives the comparison: every registered optimizer with each of its flag variants
 (plus ``maximize``), stepped 10 times in float64 and float32 on the same parameter set
 (several param groups; a zero-size, a single-element, a non-contiguous and a large tensor
-among them). Parameters and every state tensor must agree to 1e-12 (float64) or 1e-5 (float32), measured as
-max|fused - reference| / max|reference| per tensor.
+among them). Parameters and every state tensor must agree to 1e-12 (float64) or 1e-5
+(float32), measured as max|fused - reference| / max|reference| per tensor.
 
 Compiled kernels live in the kernel cache (``ADAMKIT_CACHE_DIR`` or ~/.cache/adamkit/kernels),
 so only the first run pays for compilation.
