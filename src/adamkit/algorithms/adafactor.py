@@ -88,10 +88,6 @@ class Adafactor(Optimizer):
     }
     slot_names = ("row_var", "col_var", "variance")
     nonnegative_slots = ("row_var", "col_var", "variance")
-    # Its factored second moment runs on the fused engine as strided per-tensor kernels, which
-    # are measured 2x slower than torch ops on GPT-2 shapes (543 vs 261 ms at --scale 0.25), so
-    # backend="auto" uses the reference engine; backend="fused" still runs the kernels.
-    fused_auto = False
 
     def __init__(
         self,

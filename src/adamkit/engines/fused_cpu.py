@@ -57,7 +57,7 @@ from .reference import ReferenceEngine, compute_dtype
 Tensor = torch.Tensor
 
 #: bump when the generated code changes in a way the hashed sources do not show
-KERNEL_FORMAT = 8
+KERNEL_FORMAT = 9
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -278,11 +278,15 @@ class _ElementCasts(ast.NodeTransformer):
 
     def visit_Call(self, node):
         self.generic_visit(node)
-        # arguments of the rule module's own helpers are element values (as in the caller)
         if isinstance(node.func, ast.Name) and node.func.id in self.local_functions:
+            # arguments of the rule module's own helpers are element values (as in the caller)
             node.args = node.args[:1] + [
                 a if self.is_element(a) else self._cast(a) for a in node.args[1:]
             ]
+        elif isinstance(node.func, ast.Name) and node.func.id not in ("_E", "_pow"):
+            # an ops helper given an element and a scalar (maximum(v, eps * eps)) works in the
+            # element's dtype, as torch does with a Python scalar operand
+            node.args = self._mixed(node.args)
         return node
 
 
@@ -355,10 +359,13 @@ SERIAL_BELOW = 1 << 17
 
 def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kinds: Sequence[str],
                    stores: Sequence[tuple[int, int]], n_sums: int, n_results: int, dtype: str,
-                   layout: str, negated: Sequence[int] = (), parallel: bool = True) -> str:
+                   layout: str, negated: Sequence[int] = (), parallel: bool = True,
+                   last_strides: Sequence[int | None] = ()) -> str:
     """Generate the kernel module. ``stores``: (result index, input index) pairs; ``negated``:
     inputs read with their sign flipped (the gradient under ``maximize=True``); ``parallel``:
-    whether the outer loop runs on Numba's threads (else ``prange`` is a plain loop)."""
+    whether the outer loop runs on Numba's threads (else ``prange`` is a plain loop);
+    ``last_strides``: for the bcast layout, each operand's stride along the last dimension when
+    it is 0 or 1 (compiled in, so the inner loop vectorizes), None when it is a runtime value."""
     E = "np.float32" if dtype == "float32" else "np.float64"
     multi = layout in ("mflat", "mblock")
     if multi:
@@ -405,7 +412,9 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
 
     def index(j, flat_index):
         if layout == "bcast" and kinds[j] in _FLOAT_ARRAYS:
-            return f"np.uint64(bb * st{j}_0 + jj * st{j}_1) + kk * np.uint64(st{j}_2)"
+            last = last_strides[j] if j < len(last_strides) else None
+            step = {0: "", 1: " + kk"}.get(last, f" + kk * np.uint64(st{j}_2)")
+            return f"np.uint64(bb * st{j}_0 + jj * st{j}_1){step}"
         return flat_index
 
     def body(ind, flat_index):
@@ -634,7 +643,7 @@ def _serialize_calls() -> bool:
 
 
 def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_results, dtype,
-                 layout, negated=(), parallel: bool = True) -> Callable:
+                 layout, negated=(), parallel: bool = True, last_strides=()) -> Callable:
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
@@ -644,7 +653,7 @@ def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_resu
             return kernel
         rule_src, imports, module_sources = _translate(fn, "rule")
         source = _kernel_source(rule_src, imports, fields, kinds, stores, n_sums, n_results,
-                                dtype, layout, negated, parallel)
+                                dtype, layout, negated, parallel, last_strides)
         h = hashlib.sha256(source.encode())
         h.update(_engine_sources_digest().encode())
         for text in module_sources:
@@ -876,11 +885,21 @@ class FusedEngine:
             return []
         # a small tensor runs on the calling thread: waking the thread pool costs more
         parallel = n >= SERIAL_BELOW
+        strides = {}
+        if layout == "bcast":
+            for j, (t, kind) in enumerate(zip(ins, kinds)):
+                if kind in _FLOAT_ARRAYS:
+                    strides[j] = _collapse_strides(t, shape)
+                    if strides[j] is None:
+                        return self._fallback(fn, s, ins, outs, n_sums)
+        last_strides = tuple(strides[j][2] if j in strides and strides[j][2] in (0, 1) else None
+                             for j in range(len(kinds)))
         key = (fn, tuple(kinds), tuple(stores), n_sums, n_results, self.dtype, layout, fields,
-               negated, parallel)
+               negated, parallel, last_strides)
         kernel = _KERNELS.get(key) or _load_kernel(
             key, fn, fields, kinds, stores, n_sums, n_results,
-            "float64" if self.dtype == torch.float64 else "float32", layout, negated, parallel)
+            "float64" if self.dtype == torch.float64 else "float32", layout, negated, parallel,
+            last_strides)
 
         import numpy as np
 
@@ -890,14 +909,11 @@ class FusedEngine:
             sizes = [1, 1, *shape][-3:] if len(shape) < 3 else [math.prod(shape[:-2]),
                                                                   shape[-2], shape[-1]]
             args += sizes
-        for t, kind in zip(ins, kinds):
+        for j, (t, kind) in enumerate(zip(ins, kinds)):
             if kind in _FLOAT_ARRAYS:
                 args.append(_numpy(t))
                 if layout == "bcast":
-                    strides = _collapse_strides(t, shape)
-                    if strides is None:
-                        return self._fallback(fn, s, ins, outs, n_sums)
-                    args += strides
+                    args += strides[j]
             elif kind in ("q8s", "q8u"):
                 args += [t.codes.reshape(-1).numpy(), t.absmax.numpy()]
             elif kind == "num":

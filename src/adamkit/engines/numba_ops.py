@@ -489,25 +489,40 @@ def decode_unsigned(codes, absmax, block, out):
             out[i] = unsigned_decode(codes[i], unit)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
+ROW_SPLITS = 16  # work items per matrix in sq_means_last_dims
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
 def sq_means_last_dims(x, rows, cols, n, m):
-    """Row and column means of x**2 for x viewed as (batch, n, m); rows (batch*n), cols (batch*m)."""
+    """Row and column means of x**2 for x viewed as (batch, n, m); rows (batch*n), cols (batch*m).
+
+    One pass over x in memory order: each work item takes a band of rows, finishes their
+    row sums and adds its squares into its own column partial sums, which a short second loop
+    adds up (reading columns directly would stride through memory)."""
     batch = x.size // (n * m) if n * m > 0 else 0
-    for r in numba.prange(batch * n):
-        acc = 0.0
-        base = r * m
-        for k in range(m):
-            v = np.float64(x[base + k])
-            acc += v * v
-        rows[r] = acc / m
+    splits = min(n, ROW_SPLITS)
+    band = (n + splits - 1) // splits if splits else 0
+    partial = np.zeros((batch * splits, m), dtype=np.float64)
+    for w in numba.prange(batch * splits):
+        b = w // splits
+        r0 = (w - b * splits) * band
+        part = partial[w]
+        for j in range(r0, min(r0 + band, n)):
+            base = (b * n + j) * m
+            acc = 0.0
+            for k0 in range(m):
+                k = np.uint64(k0)
+                v = np.float64(x[np.uint64(base) + k])
+                v = v * v
+                acc = add_reassoc(acc, v)
+                part[k] += v
+            rows[b * n + j] = acc / m
     for bk in numba.prange(batch * m):
         b = bk // m
         k = bk - b * m
         acc = 0.0
-        base = b * n * m + k
-        for j in range(n):
-            v = np.float64(x[base + j * m])
-            acc += v * v
+        for w in range(b * splits, b * splits + splits):
+            acc += partial[w, k]
         cols[bk] = acc / n
 
 
