@@ -435,7 +435,8 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
                 lines.append(f"buf{j}[{flat_index} - np.uint64(lo)] = r[{k}]")
                 lines.append(f"amax{j} = _u32_max(amax{j}, _finite_abs_bits(r[{k}]))")
         for q in range(n_sums):  # per work item; added to acc{q} at its end
-            lines.append(f"lacc{q} = _add_reassoc(lacc{q}, np.float64(r[{n_results - n_sums + q}]))")
+            value = f"np.float64(r[{n_results - n_sums + q}])"
+            lines.append(f"lacc{q} = _add_reassoc(lacc{q}, {value})")
         return textwrap.indent("\n".join(lines), " " * ind)
 
     fields_src = ", ".join(f"sv[{i}]" for i in range(len(fields)))
