@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pytest
 
@@ -62,6 +63,10 @@ def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
     assert any(r[0] == "adamw" and r[1] == "adamkit" and r[2].endswith("+skip") for r in rows)
     for r in data["rows"]:
         assert r["ms_per_step"] > 0 and r["bytes_per_param"] > 0
+        # the ratio is side by side: this row's median over the interleaved baseline's median
+        assert len(r["samples_ms"]) >= 1 and len(r["baseline_samples_ms"]) >= 1
+        expected = statistics.median(r["samples_ms"]) / statistics.median(r["baseline_samples_ms"])
+        assert r["ratio_to_torch_fused_adamw"] == pytest.approx(expected)
     int8 = [r for r in data["rows"] if r["implementation"] == "adamkit"
             and r["state_dtype"] == "int8" and r["optimizer"] == "adamw"][0]
     assert int8["state_bytes_per_param"] < 4  # float32: 8; small tensors stay float32 here

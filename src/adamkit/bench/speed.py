@@ -12,8 +12,10 @@ optimizer, engine and state dtype with
   inputs and writes its outputs once; a two-pass rule counts both passes). Adam in float32
   counts 28, AMSGrad 36, Lion 20;
 * effective GB/s = bytes/param x parameters / step time;
-* ``x fusedAdamW``: step time relative to ``torch.optim.AdamW(fused=True)`` measured in the
-  same process on the same parameters (below 1 is faster);
+* ``x fusedAdamW``: step time relative to ``torch.optim.AdamW(fused=True)`` on the same
+  parameters, timed side by side: the two optimizers' steps alternate, and the ratio is the
+  row's median over the baseline's median from the same interleaved run (below 1 is faster),
+  so that a machine whose speed drifts during the run does not bias it;
 * state B/param: bytes of optimizer state per parameter (float32 Adam: 8).
 
 ``--on-nonfinite apply,skip`` times each adamkit optimizer with each mode (the engine column
@@ -167,6 +169,20 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 7) -> float:
     return 2 * nbytes / min(times) / 1e9
 
 
+def time_interleaved(opt, baseline, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Step times of ``opt`` and ``baseline``, stepped alternately (baseline first)."""
+    for _ in range(warmup):
+        baseline.step()
+        opt.step()
+    times, base_times = [], []
+    for _ in range(steps):
+        for o, out in ((baseline, base_times), (opt, times)):
+            t0 = time.perf_counter()
+            o.step()
+            out.append(time.perf_counter() - t0)
+    return times, base_times
+
+
 def time_steps(opt, steps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         opt.step()
@@ -191,6 +207,8 @@ class Row:
     ratio_to_torch_fused_adamw: float
     state_bytes_per_param: float
     samples_ms: list[float] = field(default_factory=list)
+    #: torch fused AdamW's step times interleaved with this row's (the ratio's denominator)
+    baseline_samples_ms: list[float] = field(default_factory=list)
 
 
 TORCH_EQUIVALENTS = {  # adamkit name -> (torch.optim class name, kwargs), foreach only
@@ -211,15 +229,17 @@ def default_optimizers() -> list[str]:
     return [n for n in sorted(OPTIMIZERS) if not OPTIMIZERS[n].requires_sparse]
 
 
-def _row(name, implementation, engine, state_dtype, times, n_params, nbytes, baseline_s,
+def _row(name, implementation, engine, state_dtype, times, n_params, nbytes, base_times,
          state_nbytes) -> Row:
     median = statistics.median(times)
+    baseline_s = statistics.median(base_times) if base_times else 0.0
     return Row(
         optimizer=name, implementation=implementation, engine=engine, state_dtype=state_dtype,
         ms_per_step=median * 1e3, mparams_per_s=n_params / median / 1e6,
         bytes_per_param=nbytes, effective_gbps=nbytes * n_params / median / 1e9,
         ratio_to_torch_fused_adamw=median / baseline_s if baseline_s else math.nan,
         state_bytes_per_param=state_nbytes / n_params, samples_ms=[t * 1e3 for t in times],
+        baseline_samples_ms=[t * 1e3 for t in base_times],
     )
 
 
@@ -232,7 +252,7 @@ def run_benchmark(args, out=print) -> dict:
     out(f"parameters: {n_params / 1e6:.2f} M in {len(params)} tensors "
         f"(--shapes {args.shapes} --scale {args.scale}); median of {args.steps} steps after "
         f"{args.warmup} warm-up steps; torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads")
+        f"threads; x fusedAdamW: ratio to torch.optim.AdamW(fused=True) stepped alternately")
     originals = [p.detach().clone() for p in params]
 
     def reset():
@@ -240,22 +260,24 @@ def run_benchmark(args, out=print) -> dict:
             for p, o in zip(params, originals):
                 p.copy_(o)
 
-    def measure(make) -> tuple[list[float], int]:
-        reset()
-        opt = make()
-        times = time_steps(opt, args.steps, args.warmup)
-        nbytes = state_bytes(opt)
-        del opt
-        gc.collect()
-        return times, nbytes
-
-    baseline: list[float] = []
-
     def torch_fused_adamw():
         return torch.optim.AdamW(params, fused=True)
 
-    times, base_state = measure(torch_fused_adamw)
-    baseline += times
+    def measure(make) -> tuple[list[float], list[float], int]:
+        # the baseline steps the same parameters, alternating with the measured optimizer
+        reset()
+        opt, base = make(), torch_fused_adamw()
+        times, base_times = time_interleaved(opt, base, args.steps, args.warmup)
+        nbytes = state_bytes(opt)
+        del opt, base
+        gc.collect()
+        return times, base_times, nbytes
+
+    reset()
+    base = torch_fused_adamw()
+    baseline = time_steps(base, args.steps, args.warmup)
+    base_state = state_bytes(base)
+    del base
     rows: list[Row] = []
     plans: list[tuple] = []
     for name in args.optimizers:
@@ -326,18 +348,18 @@ def run_benchmark(args, out=print) -> dict:
             label = ("bitsandbytes", "8-bit", "int8")
             nbytes = bytes_per_param(name, "int8", kwargs)
         try:
-            times, state_nbytes = measure(make)
+            times, base_times, state_nbytes = measure(make)
         except Exception as error:  # a comparison library that cannot run here
             out(f"  {label[0]} {name}: skipped ({type(error).__name__}: {error})")
             continue
-        results.append((name, label, times, nbytes, state_nbytes))
-    times, _ = measure(torch_fused_adamw)
-    baseline += times
-    base_s = statistics.median(baseline)
+        results.append((name, label, times, base_times, nbytes, state_nbytes))
+        baseline += base_times
+    # the baseline's own row: all its step times, first alone and then interleaved
     rows.append(_row("adamw", "torch", "fused (torch)", "float32", baseline, n_params, 28.0,
-                     base_s, base_state))
-    for name, (impl, engine, sd), times, nbytes, state_nbytes in results:
-        rows.append(_row(name, impl, engine, sd, times, n_params, nbytes, base_s, state_nbytes))
+                     baseline, base_state))
+    for name, (impl, engine, sd), times, base_times, nbytes, state_nbytes in results:
+        rows.append(_row(name, impl, engine, sd, times, n_params, nbytes, base_times,
+                         state_nbytes))
     out("")
     out(format_table(rows))
     return {
