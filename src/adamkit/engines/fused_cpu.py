@@ -57,7 +57,7 @@ from .reference import ReferenceEngine, compute_dtype
 Tensor = torch.Tensor
 
 #: bump when the generated code changes in a way the hashed sources do not show
-KERNEL_FORMAT = 9
+KERNEL_FORMAT = 10
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -300,16 +300,149 @@ def _free_names(node: ast.FunctionDef) -> set[str]:
     return loads - bound
 
 
-def _translate(fn: Callable, name: str) -> tuple[str, list[str], list[str]]:
-    """Source of ``fn`` (and of the same-module helpers it calls) with element casts.
+class _UniformPoints(ast.NodeTransformer):
+    """Decisions of a rule that are the same for every element: ``if`` tests and conditional
+    expressions over the scalars only (``if s.amsgrad:``, ``if s.weight_decay != 0:``) and the
+    exponents of ``element ** scalar``. Left in the kernel, they are branches inside the element
+    loop, which LLVM does not always hoist, and the loop then does not vectorize (FAdam's
+    ``fim ** s.power`` with int8 state ran 7x slower). The kernels are therefore compiled per
+    outcome: ``collect`` numbers each point and its expression; ``resolve`` replaces each by
+    the outcome in ``values`` (an outcome of None leaves the point as it is)."""
 
-    Returns (functions source, import lines, module sources hashed into the kernel name).
+    SAFE_NAMES = {"s", "_E", "abs", "min", "max", "math"}
+
+    def __init__(self, elements: "_ElementCasts", points: list, values=None):
+        self.elements = elements
+        self.points = points  # [(kind, expression source)], numbered as found
+        self.values = values
+
+    def _evaluable(self, node) -> bool:
+        if self.elements.is_element(node):
+            return False
+        return all(n.id in self.SAFE_NAMES for n in ast.walk(node) if isinstance(n, ast.Name))
+
+    def _point(self, node, kind, expr):
+        # collecting numbers the point on the node itself (copies keep the number), so that
+        # resolving finds it even where an enclosing branch was dropped
+        if self.values is None:
+            node.uniform_point = len(self.points)
+            self.points.append((kind, ast.unparse(expr)))
+            return None
+        return self.values[node.uniform_point]
+
+    def visit_If(self, node):
+        if self._evaluable(node.test):
+            outcome = self._point(node, "if", node.test)
+            if outcome is not None:
+                chosen = []
+                for child in (node.body if outcome else node.orelse):
+                    result = self.visit(child)
+                    chosen.extend(result if isinstance(result, list) else [result])
+                return chosen or [ast.Pass()]
+        self.generic_visit(node)
+        return node
+
+    def visit_IfExp(self, node):
+        if self._evaluable(node.test):
+            outcome = self._point(node, "if", node.test)
+            if outcome is not None:
+                return self.visit(node.body if outcome else node.orelse)
+        self.generic_visit(node)
+        return node
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id == "_pow" \
+                and self._evaluable(node.args[1]):
+            exponent = self._point(node, "pow", node.args[1])
+            base = node.args[0]
+            if exponent == 0.5:  # the fast paths of numba_ops.scalar_pow, chosen once
+                return ast.Call(func=ast.Name(id="_sqrt", ctx=ast.Load()), args=[base],
+                                keywords=[])
+            if exponent == 1.0:
+                return base
+            if exponent == 2.0:
+                return ast.BinOp(left=base, op=ast.Mult(), right=base)
+            if exponent == "other":
+                node.func = ast.Name(id="_pow_general", ctx=ast.Load())
+        return node
+
+
+class _RuleProgram:
+    """A rule translated for the kernels, with its uniform decision points (see
+    :class:`_UniformPoints`); ``source(values)`` is the kernel text for one outcome."""
+
+    def __init__(self, functions: dict, imports: list[str], module_sources: list[str]):
+        self.functions = functions  # name -> (AST after element casts, _ElementCasts)
+        self.imports = imports
+        self.module_sources = module_sources
+        self.points: list[tuple[str, str]] = []
+        for fname in sorted(functions):
+            node, elements = functions[fname]
+            _UniformPoints(elements, self.points).visit(node)  # annotates, changes nothing
+        body = ", ".join(f"({expr})" for _, expr in self.points)
+        namespace = {"math": math, "abs": abs, "min": min, "max": max}
+        exec(f"def _evaluate(s, _E):\n    return ({body}{',' if self.points else ''})\n",
+             namespace)
+        self._evaluate = namespace["_evaluate"]
+
+    def outcomes(self, s, dtype: torch.dtype) -> tuple:
+        """The points' outcomes for scalars ``s`` (None where evaluation fails)."""
+        if not self.points:
+            return ()
+        import numpy as np
+
+        cast = np.float64 if dtype == torch.float64 else np.float32
+        try:
+            values = self._evaluate(s, cast)
+        except Exception:
+            return (None,) * len(self.points)
+        out = []
+        for (kind, _), value in zip(self.points, values):
+            if kind == "if":
+                out.append(bool(value))
+            else:
+                v = float(value)
+                out.append(v if v in (0.5, 1.0, 2.0) else "other")
+        return tuple(out)
+
+    def source(self, values: tuple) -> str:
+        decorator = '@numba.njit(error_model="numpy")\n'
+        texts = []
+        for fname in sorted(self.functions):
+            node, elements = self.functions[fname]
+            if values:
+                node = _UniformPoints(elements, [], values).visit(_copy_ast(node))
+                ast.fix_missing_locations(node)
+            texts.append(decorator + ast.unparse(node))
+        return "\n\n\n".join(texts)
+
+
+def _copy_ast(node):
+    import copy
+
+    return copy.deepcopy(node)
+
+
+_PROGRAMS: dict = {}
+
+
+def _rule_program(fn: Callable) -> _RuleProgram:
+    program = _PROGRAMS.get(fn)
+    if program is None:
+        program = _PROGRAMS[fn] = _translate(fn, "rule")
+    return program
+
+
+def _translate(fn: Callable, name: str) -> _RuleProgram:
+    """``fn`` (and the same-module helpers it calls) with element casts, as a
+    :class:`_RuleProgram` (its import lines and the module sources hashed into kernel names).
     """
     module = sys.modules[fn.__module__]
     ops_names = {k for k, v in vars(ops).items() if callable(v) and getattr(v, "__module__", "")
                  == ops.__name__}
     todo = [(fn, name)]
-    done: dict[str, str] = {}
+    done: dict[str, tuple] = {}
     imports: set[str] = set()
     while todo:
         func, fname = todo.pop()
@@ -337,12 +470,11 @@ def _translate(fn: Callable, name: str) -> tuple[str, list[str], list[str]]:
             else:
                 raise KernelUnsupported(
                     f"{func.__qualname__}: global {ref!r} cannot be compiled by the fused engine")
-        node = _ElementCasts(node, local_functions).visit(node)
+        elements = _ElementCasts(node, local_functions)
+        node = elements.visit(node)
         ast.fix_missing_locations(node)
-        decorator = '@numba.njit(error_model="numpy")\n'
-        done[fname] = decorator + ast.unparse(node)
-    module_source = inspect.getsource(module)
-    return "\n\n\n".join(done[k] for k in sorted(done)), sorted(imports), [module_source]
+        done[fname] = (node, elements)
+    return _RuleProgram(done, sorted(imports), [inspect.getsource(module)])
 
 
 # operand formats: "f32" / "f64" float arrays, "b16" bfloat16 bits in int16, "q8s" / "q8u"
@@ -564,6 +696,8 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         "from adamkit.engines.numba_ops import bf16_encode_stochastic as _bf16_encode_stochastic",
         "from adamkit.engines.numba_ops import random32 as _random32",
         "from adamkit.engines.numba_ops import scalar_pow as _pow",
+        "from adamkit.engines.numba_ops import general_pow as _pow_general",
+        "_sqrt = np.sqrt",
         "from adamkit.engines.numba_ops import block_unit as _block_unit",
         "from adamkit.engines.numba_ops import signed_decode as _signed_decode",
         "from adamkit.engines.numba_ops import unsigned_decode as _unsigned_decode",
@@ -644,7 +778,8 @@ def _serialize_calls() -> bool:
 
 
 def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_results, dtype,
-                 layout, negated=(), parallel: bool = True, last_strides=()) -> Callable:
+                 layout, negated=(), parallel: bool = True, last_strides=(),
+                 outcomes: tuple = ()) -> Callable:
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
@@ -652,7 +787,9 @@ def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_resu
         kernel = _KERNELS.get(key)
         if kernel is not None:
             return kernel
-        rule_src, imports, module_sources = _translate(fn, "rule")
+        program = _rule_program(fn)
+        rule_src, imports, module_sources = (program.source(outcomes), program.imports,
+                                             program.module_sources)
         source = _kernel_source(rule_src, imports, fields, kinds, stores, n_sums, n_results,
                                 dtype, layout, negated, parallel, last_strides)
         h = hashlib.sha256(source.encode())
@@ -737,11 +874,13 @@ class KernelBatch:
 
         groups, self._groups = self._groups, {}
         for spec, entries in groups.items():
-            fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated = spec
+            (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
+             outcomes) = spec
             key = ("multi",) + spec
             kernel = _KERNELS.get(key) or _load_kernel(
                 key, fn, fields, kinds, stores, 0, n_results,
-                "float64" if dtype == torch.float64 else "float32", layout, negated)
+                "float64" if dtype == torch.float64 else "float32", layout, negated,
+                outcomes=outcomes)
             if fields:
                 svs = np.array([e[0] for e in entries], dtype=np.float64)
             else:
@@ -868,6 +1007,9 @@ class FusedEngine:
         # the sign flip of maximize=True is compiled in: such steps use their own kernels
         negated = () if self.negate is None else tuple(
             j for j, t in enumerate(ins) if t is self.negate and kinds[j] in _FLOAT_ARRAYS)
+        # the rule's scalar-only branches and exponents, resolved per kernel
+        program = _PROGRAMS.get(fn) or _rule_program(fn)
+        outcomes = program.outcomes(s, self.dtype) if program.points else ()
         if self.batch is not None and n_sums == 0 and layout in ("flat", "block"):
             operands = []
             for t, kind in zip(ins, kinds):
@@ -881,7 +1023,7 @@ class FusedEngine:
                     operands.append((0, 0.0))
             spec = (fn, tuple(kinds), tuple(stores), n_results, self.dtype,
                     "mflat" if layout == "flat" else "mblock", fields,
-                    self.stochastic_bf16, self.stochastic_int8, negated)
+                    self.stochastic_bf16, self.stochastic_int8, negated, outcomes)
             self.batch.add(spec, tuple(s), n, self.seed, operands, ins)
             return []
         # a small tensor runs on the calling thread: waking the thread pool costs more
@@ -896,11 +1038,11 @@ class FusedEngine:
         last_strides = tuple(strides[j][2] if j in strides and strides[j][2] in (0, 1) else None
                              for j in range(len(kinds)))
         key = (fn, tuple(kinds), tuple(stores), n_sums, n_results, self.dtype, layout, fields,
-               negated, parallel, last_strides)
+               negated, parallel, last_strides, outcomes)
         kernel = _KERNELS.get(key) or _load_kernel(
             key, fn, fields, kinds, stores, n_sums, n_results,
             "float64" if self.dtype == torch.float64 else "float32", layout, negated, parallel,
-            last_strides)
+            last_strides, outcomes)
 
         import numpy as np
 

@@ -253,6 +253,12 @@ def scalar_pow(x, y):
     return x ** y
 
 
+@register_jitable
+def general_pow(x, y):
+    """``x ** y`` for an exponent known to take none of scalar_pow's fast paths."""
+    return x ** y
+
+
 def as_tuple(x):
     """A rule's results as a tuple (a rule with one result may return it bare)."""
     return x if isinstance(x, tuple) else (x,)
