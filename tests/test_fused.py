@@ -36,7 +36,7 @@ VARIANTS: dict[str, list[dict]] = {
     "adamax": [dict(weight_decay=0.1)],
     "adamod": [dict(weight_decay=0.1)],
     "adamw": [dict(), dict(amsgrad=True)],
-    "fadam": [dict(), dict(weight_decay=0.0, p=1.0, clip=0.5)],
+    "fadam": [dict(), dict(weight_decay=0.0, p=1.0, clip=0.5), dict(p=0.75)],
     "lion": [dict(weight_decay=0.1)],
     "nadam": [dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True)],
     "radam": [dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True)],
@@ -330,3 +330,37 @@ def test_auto_uses_reference_where_fused_is_slower(count_fused):
     count_fused.clear()
     adamkit.Adafactor([p]).step()  # its factored kernels now beat torch ops: auto picks them
     assert count_fused
+
+
+def test_kernels_are_compiled_per_outcome_of_scalar_branches():
+    from adamkit.algorithms.adam import Adam
+    from adamkit.algorithms.fadam import _fisher_pass
+
+    program = fused_cpu._rule_program(Adam.update)
+    assert [kind for kind, _ in program.points] == ["if", "if", "if"]
+    plain = program.source((False, False, False))  # no decay, not decoupled, no AMSGrad
+    assert "maximum(" not in plain and "weight_decay" not in plain
+    amsgrad = program.source((True, True, True))
+    assert "maximum(" in amsgrad and "weight_decay" in amsgrad
+    fisher = fused_cpu._rule_program(_fisher_pass)
+    assert fisher.points == [("pow", "_E(s.power)")]
+    assert "_sqrt(" in fisher.source((0.5,)) and "_pow_general(" in fisher.source(("other",))
+
+
+def test_groups_with_different_branch_outcomes_match_reference():
+    # one step, two groups whose scalars take different branches: the batch must run them
+    # with different kernels
+    def run(backend):
+        g = torch.Generator().manual_seed(5)
+        a = torch.randn(300, generator=g, requires_grad=True)
+        b = torch.randn(40, 50, generator=g, requires_grad=True)
+        opt = adamkit.Adam([{"params": [a]}, {"params": [b], "weight_decay": 0.1}],
+                           lr=0.01, amsgrad=True, backend=backend)
+        for step in range(3):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = torch.randn(b.shape, generator=g)
+            opt.step()
+        return a.detach(), b.detach()
+
+    for x, y in zip(run("fused"), run("reference")):
+        assert _rel(x, y) <= 1e-5
