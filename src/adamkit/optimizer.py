@@ -244,13 +244,17 @@ class Optimizer(torch.optim.Optimizer):
                 and fused_cpu.available():
             batch = fused_cpu.KernelBatch()
         self._batch = batch
+        # parameters' step counters, incremented together at the end (see advance_step)
+        pending = self._pending_steps = []
         try:
             for gi, group in enumerate(self.param_groups):
                 for pi, p in enumerate(group["params"]):
                     if p.grad is not None:
                         self._step_parameter(group, p, (gi, pi))
         finally:
-            self._batch = None
+            self._batch = self._pending_steps = None
+            if pending:
+                torch._foreach_add_(pending, 1.0)
             if batch is not None:
                 batch.flush()
         return loss
@@ -331,6 +335,7 @@ class Optimizer(torch.optim.Optimizer):
                 "Adam instead"
             )
         state = self.state[p]
+        self._last_step = None
         s = self.scalars(group, state)
         names = self.state_slots(group, p)
         for name in names:
@@ -361,7 +366,10 @@ class Optimizer(torch.optim.Optimizer):
         # seeds stochastic rounding of 8-bit state: deterministic, different every step
         # and of bfloat16 values (stochastic_rounding); optimizers without a step count (SGD)
         # use the number of step() calls
-        count = int(float(state["step"])) if "step" in state else self._steps_taken
+        if self._last_step is not None:  # the count advance_step returned for this step
+            count = int(self._last_step)
+        else:
+            count = int(float(state["step"])) if "step" in state else self._steps_taken
         seed = (count * 0x9E3779B1 + p.numel() + (where[0] * 7919 + where[1]) * 0x632BE5AB) \
             & 0x3FFFFFFF
         if group["maximize"] and (grad.is_sparse or not fused):
@@ -436,10 +444,20 @@ class Optimizer(torch.optim.Optimizer):
                             signed=name not in self.nonnegative_slots)
 
     # ---- helpers for algorithms ---------------------------------------------------------
-    @staticmethod
-    def advance_step(state: dict) -> float:
-        """Increment the parameter's ``step`` (a 0-dim tensor, as in torch) and return it."""
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-        state["step"] += 1
-        return float(state["step"])
+    def advance_step(self, state: dict) -> float:
+        """Count one more step for a parameter and return the new count.
+
+        ``state["step"]`` is a 0-dim tensor, as in torch. Inside ``step()`` the counters of all
+        parameters are incremented together at the end (one foreach call instead of a tensor
+        op per parameter); elsewhere at once."""
+        step = state.get("step")
+        if step is None:
+            step = state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+        t = float(step) + 1.0
+        pending = getattr(self, "_pending_steps", None)
+        if pending is None:
+            step += 1
+        else:
+            pending.append(step)
+        self._last_step = t
+        return t

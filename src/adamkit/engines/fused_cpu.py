@@ -762,9 +762,12 @@ _KINDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "b16"}
 
 
 def _block_quantized():
-    from ..storage import BlockQuantized  # storage imports this module's helpers
+    cls = _numba_state.get("BlockQuantized")
+    if cls is None:
+        from ..storage import BlockQuantized as cls  # storage imports this module's helpers
 
-    return BlockQuantized
+        _numba_state["BlockQuantized"] = cls
+    return cls
 
 
 def _serialize_calls() -> bool:
