@@ -74,11 +74,15 @@ def available() -> bool:
             _prefer_wide_vectors(numba)
             from . import numba_ops  # noqa: F401  (registers the overloads)
 
-            if "NUMBA_THREADING_LAYER" not in os.environ:
-                # Numba's OpenMP layer shares the machine with torch's OpenMP pool, whose
-                # threads spin after each torch op: on a small machine every kernel launch then
-                # waits milliseconds for a core. The workqueue layer does not spin.
-                numba.config.THREADING_LAYER = "workqueue"
+            if "NUMBA_THREADING_LAYER" not in os.environ and \
+                    "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+                # OpenMP first: a kernel launch on it costs 2-4 us, on the workqueue layer
+                # 50-200 us (its threads sleep between launches). Measured on 2 cores: a
+                # training iteration of a 6.3M-parameter MLP with AdamW 39.5 ms (omp) vs 54 ms
+                # (workqueue; torch fused AdamW 39.4 ms); FAdam on GPT-2 shapes at --scale 0.1
+                # 32 vs 87 ms/step. TBB, then the workqueue, where OpenMP cannot be loaded.
+                numba.config.THREADING_LAYER = "default"
+                numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
             _numba_state["ok"] = True
         except Exception as error:  # ImportError, or a broken numba/llvmlite install
@@ -484,8 +488,9 @@ BLOCK = 256
 GROUP = 64  # blocks per parallel work item of the blockwise layout
 CHUNK = BLOCK * GROUP  # elements per parallel work item of the multi-tensor layouts
 # Per-tensor kernels (rules with reductions, sparse rows) for fewer elements than this run on
-# the calling thread: a launch on Numba's workqueue threads costs 50-200 us on a 2-core machine,
-# the time one core takes to update about 100k elements.
+# the calling thread. With the OpenMP layer a launch costs a few us and 2**14 or 2**17 measure
+# the same (FAdam, Adafactor on GPT-2 and ResNet-18 shapes); on the workqueue layer, Numba's
+# fallback, a launch costs 50-200 us, the time one core takes to update about 100k elements.
 SERIAL_BELOW = 1 << 17
 
 
@@ -771,13 +776,18 @@ def _block_quantized():
 
 
 def _serialize_calls() -> bool:
-    """The workqueue threading layer must not be entered from two threads at once."""
-    if "serialize" not in _numba_state:
+    """The workqueue threading layer must not be entered from two threads at once. Numba
+    picks its layer at the first parallel launch; until then calls are serialized."""
+    serialize = _numba_state.get("serialize")
+    if serialize is None:
         import numba
 
-        layer = numba.config.THREADING_LAYER
-        _numba_state["serialize"] = layer == "workqueue"
-    return _numba_state["serialize"]
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no parallel launch yet
+            return True
+        serialize = _numba_state["serialize"] = layer == "workqueue"
+    return serialize
 
 
 def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_results, dtype,
