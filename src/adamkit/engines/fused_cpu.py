@@ -429,6 +429,7 @@ def _copy_ast(node):
 
 
 _PROGRAMS: dict = {}
+_OUTCOMES: dict = {}  # (rule, scalars, dtype) -> outcomes, for the step's other tensors
 
 
 def _rule_program(fn: Callable) -> _RuleProgram:
@@ -1020,9 +1021,22 @@ class FusedEngine:
         # the sign flip of maximize=True is compiled in: such steps use their own kernels
         negated = () if self.negate is None else tuple(
             j for j, t in enumerate(ins) if t is self.negate and kinds[j] in _FLOAT_ARRAYS)
-        # the rule's scalar-only branches and exponents, resolved per kernel
+        # the rule's scalar-only branches and exponents, resolved per kernel (the tensors of a
+        # param group share their scalars, so the outcomes are looked up, not re-evaluated)
         program = _PROGRAMS.get(fn) or _rule_program(fn)
-        outcomes = program.outcomes(s, self.dtype) if program.points else ()
+        outcomes = ()
+        if program.points:
+            memo = (fn, s, self.dtype)
+            try:
+                outcomes = _OUTCOMES.get(memo)
+            except TypeError:  # an unhashable scalar: evaluate every time
+                memo = outcomes = None
+            if outcomes is None:
+                outcomes = program.outcomes(s, self.dtype)
+                if memo is not None:
+                    if len(_OUTCOMES) > 4096:
+                        _OUTCOMES.clear()
+                    _OUTCOMES[memo] = outcomes
         if self.batch is not None and n_sums == 0 and layout in ("flat", "block"):
             operands = []
             for t, kind in zip(ins, kinds):
