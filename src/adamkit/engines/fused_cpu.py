@@ -668,26 +668,27 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             out.append(f"        nblk = (n + {BLOCK - 1}) // {BLOCK}")
             out += block_group(f"first // {BLOCK}")
         out.append("    return ()")
-    elif layout == "flat":  # prange over chunks of CHUNK elements
-        out.append("    for c in numba.prange((n + CHUNK - 1) // CHUNK):")
-        out += [f"        lacc{q} = 0.0" for q in range(n_sums)]
-        out.append("        for i0 in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):")
-        out.append("            i = np.uint64(i0)")
-        out.append(body(12, "i"))
-        out += [f"        acc{q} += lacc{q}" for q in range(n_sums)]
     elif layout == "block":  # prange over groups of GROUP blocks
         out.append(f"    nblk = (n + {BLOCK - 1}) // {BLOCK}")
         out.append(f"    ngroups = (nblk + {GROUP - 1}) // {GROUP}")
         out.append("    for grp in numba.prange(ngroups):")
         out += block_group(f"grp * {GROUP}")
-    else:  # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast)
-        out.append("    for row in numba.prange(nb_ * nn_):")
-        out.append("        bb = row // nn_")
-        out.append("        jj = row - bb * nn_")
-        out += [f"        lacc{q} = 0.0" for q in range(n_sums)]
-        out.append("        for kk0 in range(nm_):")
-        out.append("            kk = np.uint64(kk0)")
-        out.append(body(12, "np.uint64(row * nm_) + kk"))
+    else:
+        if layout == "flat":  # prange over chunks of CHUNK elements
+            outer = ["    for c in numba.prange((n + CHUNK - 1) // CHUNK):"]
+            inner = ["        for i0 in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):",
+                     "            i = np.uint64(i0)"]
+            flat_index = "i"
+        else:  # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast)
+            outer = ["    for row in numba.prange(nb_ * nn_):",
+                     "        bb = row // nn_",
+                     "        jj = row - bb * nn_"]
+            inner = ["        for kk0 in range(nm_):",
+                     "            kk = np.uint64(kk0)"]
+            flat_index = "np.uint64(row * nm_) + kk"
+        # each work item sums into its own lacc, added to the reduction at its end
+        out += outer + [f"        lacc{q} = 0.0" for q in range(n_sums)]
+        out += inner + [body(12, flat_index)]
         out += [f"        acc{q} += lacc{q}" for q in range(n_sums)]
     if not multi:
         out.append(f"    return ({''.join(f'acc{q}, ' for q in range(n_sums))})")
