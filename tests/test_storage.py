@@ -3,6 +3,7 @@ and state_dict round trips and conversions."""
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 
@@ -101,11 +102,19 @@ def test_unsigned_codec_clamps_negative_values():
     assert y[0] == 0 and y[1] == 0 and y[2] > 0 and y[3] == pytest.approx(1.0, rel=2.0**-5)
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_kernel_codec_matches_torch_codec_bit_for_bit(signed):
-    from adamkit.engines import numba_ops
+_NoScalars = collections.namedtuple("_NoScalars", [])
 
+
+def _copy(s, x, y):
+    """A rule that stores its first operand into the second (the kernels encode or decode)."""
+    return x
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@pytest.mark.parametrize("batched", [False, True], ids=["per-tensor", "multi-tensor"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_kernel_codec_matches_torch_codec_bit_for_bit(signed, batched):
+    # the generated kernels (round to nearest) store x into 8-bit state and read it back
     g = torch.Generator().manual_seed(1)
     n = BLOCK * 9 + 11
     x = torch.randn(n, generator=g) * 10.0 ** (torch.rand(n, generator=g) * 12 - 6)
@@ -119,14 +128,20 @@ def test_kernel_codec_matches_torch_codec_bit_for_bit(signed):
     if not signed:
         x = x.abs()
     codes, absmax = storage.encode(x, signed)
-    k_codes = torch.empty_like(codes)
-    k_absmax = torch.empty_like(absmax)
-    encode = numba_ops.encode_signed if signed else numba_ops.encode_unsigned
-    encode(x.numpy(), k_codes.numpy(), k_absmax.numpy(), BLOCK, -1)
-    assert torch.equal(codes, k_codes) and torch.equal(absmax, k_absmax)
-    decoded = torch.empty(n)
-    decode = numba_ops.decode_signed if signed else numba_ops.decode_unsigned
-    decode(codes.numpy(), absmax.numpy(), BLOCK, decoded.numpy())
+
+    def run(ins, outs):
+        batch = fused_cpu.KernelBatch() if batched else None
+        engine = fused_cpu.FusedEngine(torch.float32, batch=batch)
+        engine.map(_copy, _NoScalars(), ins, outs)
+        if batch is not None:
+            assert len(batch) == 1
+            batch.flush()
+
+    q = BlockQuantized.full(x.shape, 0.0, signed)
+    run([x, q], [q])
+    assert torch.equal(q.codes, codes) and torch.equal(q.absmax, absmax)
+    decoded = torch.zeros(n)
+    run([q, decoded], [decoded])
     expected = storage.decode(codes, absmax, signed)
     assert torch.equal(torch.nan_to_num(decoded, nan=7.0), torch.nan_to_num(expected, nan=7.0))
 

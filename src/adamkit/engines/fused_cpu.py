@@ -18,8 +18,13 @@ CPU is twice as fast as letting Numba promote everything to float64. Helpers fro
 plain functions of the rule's own module that the rule calls (Adafactor's ``_scaled_update``)
 are copied the same way. No formula lives in this file.
 
-One kernel is generated per (function, operand formats, outputs, sums, compute dtype, layout).
-Fields of ``s`` are runtime values (flags are loop-invariant branches). Kernels are written as
+One kernel is generated per (function, operand formats, outputs, sums, compute dtype, layout,
+outcomes). Fields of ``s`` are runtime values, except the rule's decisions that depend on them
+alone (``if s.amsgrad:``, the exponent of ``fim ** s.power``): each combination of their
+outcomes gets its own kernel with only the taken branch, so the element loop has no branch on a
+scalar and vectorizes (see :class:`_UniformPoints`). A step's single-pass maps run as one
+multi-tensor launch (:class:`KernelBatch`); per-tensor kernels below ``SERIAL_BELOW`` elements
+run on the calling thread. Kernels are written as
 Python modules into the kernel cache directory and compiled with ``cache=True``, so a later
 process loads machine code instead of compiling: ``$ADAMKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/adamkit/kernels``, else ``~/.cache/adamkit/kernels``. File names carry a hash of
@@ -514,23 +519,18 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         args = ["sv", "n", "seed", "sr_b16", "sr_q8"]
     if layout == "bcast":
         args += ["nb_", "nn_", "nm_"]
+    # per operand: an array (a), 8-bit codes and their absmax (a, x) or a number (c); the
+    # multi-tensor kernels take tables of addresses (pa, px) and numbers (cs) instead
+    array, scales, number = ("pa", "px", "cs") if multi else ("a", "x", "c")
     for j, kind in enumerate(kinds):
-        if multi:
-            if kind in _FLOAT_ARRAYS:
-                args.append(f"pa{j}")
-            elif kind in ("q8s", "q8u"):
-                args += [f"pa{j}", f"px{j}"]
-            elif kind == "num":
-                args.append(f"cs{j}")
-            continue
         if kind in _FLOAT_ARRAYS:
-            args.append(f"a{j}")
+            args.append(f"{array}{j}")
+            if layout == "bcast":
+                args += [f"st{j}_0", f"st{j}_1", f"st{j}_2"]
         elif kind in ("q8s", "q8u"):
-            args += [f"a{j}", f"x{j}"]
+            args += [f"{array}{j}", f"{scales}{j}"]
         elif kind == "num":
-            args.append(f"c{j}")
-        if layout == "bcast" and kind in _FLOAT_ARRAYS:
-            args += [f"st{j}_0", f"st{j}_1", f"st{j}_2"]
+            args.append(f"{number}{j}")
 
     def sign(j):
         return "-" if j in negated else ""

@@ -180,34 +180,29 @@ def _sign(x):
         return impl
 
 
-@overload(ops.maximum)
-def _maximum(a, b):
-    if _is_float(a) or _is_float(b):
-        cast = _elem_type(a, b)
+def _extremum(larger: bool):
+    """The overload of ops.maximum (``larger``) or ops.minimum: NaN propagates."""
 
-        def impl(a, b):
-            x = cast(a)
-            y = cast(b)
-            if x != x or y != y:
-                return x + y  # NaN
-            return x if x >= y else y
+    def typer(a, b):
+        if _is_float(a) or _is_float(b):
+            cast = _elem_type(a, b)
 
-        return impl
+            def impl(a, b):
+                x = cast(a)
+                y = cast(b)
+                if x != x or y != y:
+                    return x + y  # NaN
+                if larger:  # a compile-time constant
+                    return x if x >= y else y
+                return x if x <= y else y
+
+            return impl
+
+    return typer
 
 
-@overload(ops.minimum)
-def _minimum(a, b):
-    if _is_float(a) or _is_float(b):
-        cast = _elem_type(a, b)
-
-        def impl(a, b):
-            x = cast(a)
-            y = cast(b)
-            if x != x or y != y:
-                return x + y
-            return x if x <= y else y
-
-        return impl
+overload(ops.maximum)(_extremum(True))
+overload(ops.minimum)(_extremum(False))
 
 
 @overload(ops.clamp)
@@ -321,9 +316,6 @@ def bf16_encode_stochastic(x, bits):
 # block's two factors from block_factors(); a subnormal y is encoded from the bits of
 # y + 2**-14, whose mantissa then holds y in units of 2**-37.
 
-SIGNED_NAN = -128
-UNSIGNED_NAN = 255
-TOP = 1.875
 TWO_M14 = 6.103515625e-05  # 2**-14
 
 
@@ -409,90 +401,7 @@ def finite_abs_bits(x):
     return b if b < np.uint32(0x7F800000) else np.uint32(0)
 
 
-@register_jitable
-def finite_absmax(buf, m):
-    """Largest finite |value| of buf[:m] as float32, from the IEEE bits (an integer max)."""
-    best = np.uint32(0)
-    for k0 in range(m):
-        best = u32_max(best, finite_abs_bits(buf[np.uint64(k0)]))
-    return bits_f32(best)
-
-
-@register_jitable
-def encode_block_signed(buf, m, codes, absmax, lo, b, seed):
-    amax = finite_absmax(buf, m)
-    absmax[b] = amax
-    scale, inverse = block_factors(amax)
-    base = np.uint64(lo)
-    if seed < 0:
-        for k0 in range(m):
-            k = np.uint64(k0)
-            codes[base + k] = signed_encode(buf[k], scale, inverse, 524288)
-    else:
-        for k0 in range(m):
-            k = np.uint64(k0)
-            codes[base + k] = signed_encode(
-                buf[k], scale, inverse, u32_shr(random32(lo + k0, seed), 12))
-
-
-@register_jitable
-def encode_block_unsigned(buf, m, codes, absmax, lo, b, seed):
-    amax = finite_absmax(buf, m)
-    absmax[b] = amax
-    scale, inverse = block_factors(amax)
-    base = np.uint64(lo)
-    if seed < 0:
-        for k0 in range(m):
-            k = np.uint64(k0)
-            codes[base + k] = unsigned_encode(buf[k], scale, inverse, 262144)
-    else:
-        for k0 in range(m):
-            k = np.uint64(k0)
-            codes[base + k] = unsigned_encode(
-                buf[k], scale, inverse, u32_shr(random32(lo + k0, seed), 13))
-
-
-# ---- whole-tensor helpers called from Python -----------------------------------------------
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def encode_signed(x, codes, absmax, block, seed):
-    n = x.size
-    nb = (n + block - 1) // block
-    for b in numba.prange(nb):
-        lo = b * block
-        m = min(block, n - lo)
-        encode_block_signed(x[lo:lo + m], m, codes, absmax, lo, b, seed)
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def encode_unsigned(x, codes, absmax, block, seed):
-    n = x.size
-    nb = (n + block - 1) // block
-    for b in numba.prange(nb):
-        lo = b * block
-        m = min(block, n - lo)
-        encode_block_unsigned(x[lo:lo + m], m, codes, absmax, lo, b, seed)
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def decode_signed(codes, absmax, block, out):
-    n = codes.size
-    nb = (n + block - 1) // block
-    for b in numba.prange(nb):
-        unit = block_unit(absmax[b])
-        for i in range(b * block, min(b * block + block, n)):
-            out[i] = signed_decode(codes[i], unit)
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def decode_unsigned(codes, absmax, block, out):
-    n = codes.size
-    nb = (n + block - 1) // block
-    for b in numba.prange(nb):
-        unit = block_unit(absmax[b])
-        for i in range(b * block, min(b * block + block, n)):
-            out[i] = unsigned_decode(codes[i], unit)
+# ---- helpers called from Python --------------------------------------------------------
 
 
 ROW_SPLITS = 16  # work items per matrix in sq_means_last_dims
