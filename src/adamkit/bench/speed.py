@@ -223,6 +223,10 @@ PYTORCH_OPTIMIZER = {  # adamkit name -> pytorch_optimizer class name
     "fadam": "FAdam", "adamax": "AdaMax",
 }
 ADAMKIT_KWARGS = {"sgd": {"momentum": 0.9}}  # the benchmarked configuration
+# Untimed steps an optimizer needs before its steps are the steady-state ones: RAdam's
+# rectification starts at step 6 (rho_t > 5 with beta2 = 0.999); before it, torch and adamkit
+# take un-adapted momentum steps and some other implementations skip the update altogether.
+MIN_WARMUP = {"radam": 5}
 
 
 def default_optimizers() -> list[str]:
@@ -263,11 +267,11 @@ def run_benchmark(args, out=print) -> dict:
     def torch_fused_adamw():
         return torch.optim.AdamW(params, fused=True)
 
-    def measure(make) -> tuple[list[float], list[float], int]:
+    def measure(make, warmup: int) -> tuple[list[float], list[float], int]:
         # the baseline steps the same parameters, alternating with the measured optimizer
         reset()
         opt, base = make(), torch_fused_adamw()
-        times, base_times = time_interleaved(opt, base, args.steps, args.warmup)
+        times, base_times = time_interleaved(opt, base, args.steps, warmup)
         nbytes = state_bytes(opt)
         del opt, base
         gc.collect()
@@ -348,7 +352,8 @@ def run_benchmark(args, out=print) -> dict:
             label = ("bitsandbytes", "8-bit", "int8")
             nbytes = bytes_per_param(name, "int8", kwargs)
         try:
-            times, base_times, state_nbytes = measure(make)
+            times, base_times, state_nbytes = measure(
+                make, max(args.warmup, MIN_WARMUP.get(name, 0)))
         except Exception as error:  # a comparison library that cannot run here
             out(f"  {label[0]} {name}: skipped ({type(error).__name__}: {error})")
             continue
@@ -459,7 +464,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default apply; 'apply,skip' shows what the NaN/Inf check costs)")
     parser.add_argument("--steps", type=_positive_int, default=10,
                         help="timed steps; the median is reported (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first (default 3; at least 5 for RAdam, whose "
+                        "rectified steps start at step 6)")
     parser.add_argument("--compare", action="store_true",
                         help="also time torch.optim's foreach/fused versions and, if installed, "
                              "pytorch-optimizer and bitsandbytes")
