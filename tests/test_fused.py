@@ -298,23 +298,29 @@ def test_one_launch_for_all_tensors_equals_one_launch_per_tensor(
                                                                           value.absmax), key
 
 
-def test_count_nonfinite_over_many_tensors():
-    """The one-pass NaN/Inf count behind on_nonfinite='skip'/'raise', against torch.isfinite."""
+def test_any_nonfinite_over_many_tensors():
+    """The one-pass NaN/Inf check behind on_nonfinite='skip'/'raise', against torch.isfinite,
+    with one bad value at a time in each tensor, at chunk edges and in every dtype."""
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(n, generator=gen).to(dtype)
                for n, dtype in [(0, torch.float32), (1, torch.float32), (fused_cpu.CHUNK + 3,
                                 torch.float32), (5000, torch.float64), (777, torch.bfloat16),
                                 (2 * fused_cpu.CHUNK, torch.bfloat16)]]
-    assert fused_cpu.count_nonfinite(tensors) == 0
+    tensors[2][7] = 3.0e38  # huge but finite: x * 0 is still 0
+    tensors[5][5] = 3.0e38  # finite in bfloat16 too (its largest exponent is below all ones)
+    assert fused_cpu.any_nonfinite(tensors) is False
     spots = [(1, 0, float("nan")), (2, fused_cpu.CHUNK, float("inf")),
-             (2, fused_cpu.CHUNK + 2, -float("inf")), (3, 4999, float("nan")),
-             (4, 0, float("inf")), (5, 2 * fused_cpu.CHUNK - 1, float("nan")),
-             (5, 5, 3.0e38)]  # the last one is finite in bfloat16
+             (2, fused_cpu.CHUNK + 2, -float("inf")), (2, fused_cpu.CHUNK - 1, float("nan")),
+             (3, 4999, float("nan")), (3, 0, -float("inf")), (4, 0, float("inf")),
+             (4, 776, -float("nan")), (5, 2 * fused_cpu.CHUNK - 1, float("nan")),
+             (5, 6, -float("inf"))]
     for i, k, value in spots:
+        old = tensors[i][k].clone()
         tensors[i][k] = value
-    expected = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
-    assert expected == 6
-    assert fused_cpu.count_nonfinite(tensors) == expected
+        assert not bool(torch.isfinite(tensors[i]).all())
+        assert fused_cpu.any_nonfinite(tensors) is True, (i, k, value)
+        tensors[i][k] = old
+    assert fused_cpu.any_nonfinite(tensors) is False
 
 
 def test_auto_uses_reference_where_fused_is_slower(count_fused):

@@ -271,7 +271,7 @@ class Optimizer(torch.optim.Optimizer):
                         batched.append(g)
                     else:
                         flags.append(torch.isfinite(g).all())
-        finite = not batched or fused_cpu.count_nonfinite(batched) == 0
+        finite = not batched or not fused_cpu.any_nonfinite(batched)
         if finite and (not flags or bool(torch.stack(flags).all())):
             return True
         if self.on_nonfinite == "raise":

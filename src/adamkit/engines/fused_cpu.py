@@ -147,8 +147,8 @@ def unsupported_reason(t: Tensor) -> str | None:
     return None
 
 
-def count_nonfinite(tensors: Sequence[Tensor]) -> int:
-    """How many NaN/Inf elements the given contiguous CPU float tensors hold, counted in one
+def any_nonfinite(tensors: Sequence[Tensor]) -> bool:
+    """Whether any of the given contiguous CPU float tensors holds a NaN or Inf, read in one
     multithreaded pass over all of them (one launch per dtype)."""
     import numpy as np
 
@@ -158,7 +158,6 @@ def count_nonfinite(tensors: Sequence[Tensor]) -> int:
     for t in tensors:
         if t.numel():
             by_dtype.setdefault(t.dtype, []).append(t)
-    bad = 0
     for dtype, group in by_dtype.items():
         ns = np.array([t.numel() for t in group], dtype=np.int64)
         starts = np.zeros(len(group) + 1, dtype=np.int64)
@@ -169,10 +168,12 @@ def count_nonfinite(tensors: Sequence[Tensor]) -> int:
         args = (addresses, ns, starts, CHUNK, element)
         if _serialize_calls():
             with _lock:
-                bad += numba_ops.count_nonfinite(*args)
+                bad = numba_ops.chunks_nonfinite(*args)
         else:
-            bad += numba_ops.count_nonfinite(*args)
-    return bad
+            bad = numba_ops.chunks_nonfinite(*args)
+        if bad:
+            return True
+    return False
 
 
 class KernelUnsupported(Exception):

@@ -56,15 +56,16 @@ def bits_f32(typingctx, x):
 
 @intrinsic
 def add_reassoc(typingctx, a, b):
-    """a + b for float64, marked reassociable: a loop summing with it vectorizes (partial
-    sums in each vector lane, added at the end), which a strict left-to-right sum cannot."""
-    if a != types.float64 or b != types.float64:
+    """a + b for two float64 or two float32, marked reassociable: a loop summing with it
+    vectorizes (partial sums in each vector lane, added at the end), which a strict
+    left-to-right sum cannot. Only the addition is flagged: NaN and Inf still propagate."""
+    if a != b or a not in (types.float64, types.float32):
         return None
 
     def codegen(context, builder, signature, args):
         return builder.fadd(args[0], args[1], flags=("reassoc",))
 
-    return types.float64(a, b), codegen
+    return a(a, b), codegen
 
 
 # ---- 32-bit unsigned integer arithmetic ------------------------------------------------------
@@ -454,33 +455,36 @@ def void_ptr(typingctx, address):
 
 
 def nonfinite_in(a, lo, hi):
-    """Number of NaN/Inf among a[lo:hi] (compiled only; see the overload below)."""
+    """Whether a[lo:hi] holds a NaN or Inf (compiled only; see the overload below)."""
     raise NotImplementedError
 
 
 @overload(nonfinite_in)
 def _nonfinite_in(a, lo, hi):
-    # branch-free loops that vectorize: for floats x - x is 0 when x is finite and NaN for NaN
-    # and ±Inf; int16 elements are bfloat16 bits, non-finite when the exponent is all ones
+    # Loops that vectorize and stream at the read bandwidth. Floats: x * 0 is +-0 for finite x
+    # and NaN for NaN and +-Inf, so a (reassociable) sum of them is nonzero exactly when one
+    # is not finite. int16 elements are bfloat16 bits, non-finite when the exponent is all
+    # ones: the largest masked exponent tells.
     if isinstance(a.dtype, types.Integer):
         def impl(a, lo, hi):
-            k = 0
+            top = np.uint32(0)
             for i0 in range(lo, hi):
-                k += 1 if u32_and(a[np.uint64(i0)], 0x7F80) == np.uint32(0x7F80) else 0
-            return k
+                top = u32_max(top, u32_and(a[np.uint64(i0)], 0x7F80))
+            return top == np.uint32(0x7F80)
     else:
+        zero = a.dtype(0)
+
         def impl(a, lo, hi):
-            k = 0
+            acc = zero
             for i0 in range(lo, hi):
-                x = a[np.uint64(i0)]
-                k += 0 if x - x == 0 else 1
-            return k
+                acc = add_reassoc(acc, a[np.uint64(i0)] * zero)
+            return acc != zero
     return impl
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def count_nonfinite(addresses, ns, starts, chunk, dtype):
-    """Number of NaN/Inf elements over many tensors at once (one parallel pass).
+def chunks_nonfinite(addresses, ns, starts, chunk, dtype):
+    """How many chunks hold a NaN or Inf, over many tensors at once (one parallel pass).
 
     Tensor ``t`` has ``ns[t]`` elements of ``dtype`` at ``addresses[t]``; the parallel loop runs
     over every tensor's chunks of ``chunk`` elements (``starts``: cumulative chunk counts).
@@ -492,8 +496,7 @@ def count_nonfinite(addresses, ns, starts, chunk, dtype):
         a = numba.carray(void_ptr(addresses[t]), ns[t], dtype)
         lo = (c - starts[t]) * chunk
         hi = min(lo + chunk, ns[t])
-        k = nonfinite_in(a, lo, hi)
-        bad += k
+        bad += 1 if nonfinite_in(a, lo, hi) else 0
     return bad
 
 
