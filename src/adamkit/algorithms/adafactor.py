@@ -9,7 +9,8 @@ import torch
 
 from .. import storage
 from .. import validation as v
-from ..engines.ops import lerp, maximum, sqrt
+from ..engines.ops import lerp, maximum, minimum, sqrt
+from ..engines.reference import compute_dtype
 from ..optimizer import Optimizer
 
 
@@ -22,6 +23,8 @@ class AdafactorScalars(NamedTuple):
     d: float
     weight_decay: float
     step_size: float  # alpha / max(1, RMS(U) / d), set after the second pass
+    factored: bool  # the tensor keeps row and column factors (>= 2-D)
+    max_rsqrt: float  # 1 / eps1 (inf for eps1 = 0)
 
 
 def _square(s, x):
@@ -36,18 +39,24 @@ def _ema_of_square(s: AdafactorScalars, average, g):
     return lerp(average, g * g, s.one_minus_beta2)
 
 
-def _scaled_update(s: AdafactorScalars, g, row, col, norm):
-    # U = g / max(sqrt(V), eps1) with V = row * col / norm (row = V itself when unfactored)
-    return g / sqrt(maximum(row * col / norm, s.eps1 * s.eps1))
+def _scaled_update(s: AdafactorScalars, g, a, b):
+    # U = g / max(sqrt(V), eps1).
+    # Factored, V = row * col / norm: a = 1/sqrt(row) per row and b = 1/sqrt(col / norm) per
+    # column (computed once per step on the small factors), and
+    # 1/max(sqrt(V), eps1) = min(a * b, 1/eps1): no division or square root per element.
+    # Unfactored, a = V itself (b is unused).
+    if s.factored:
+        return g * minimum(a * b, s.max_rsqrt)
+    return g / sqrt(maximum(a, s.eps1 * s.eps1))
 
 
-def _update_sq(s: AdafactorScalars, g, row, col, norm):
-    u = _scaled_update(s, g, row, col, norm)
+def _update_sq(s: AdafactorScalars, g, a, b):
+    u = _scaled_update(s, g, a, b)
     return u * u
 
 
-def _apply_update(s: AdafactorScalars, p, g, row, col, norm):
-    return p * (1 - s.lr * s.weight_decay) - s.step_size * _scaled_update(s, g, row, col, norm)
+def _apply_update(s: AdafactorScalars, p, g, a, b):
+    return p * (1 - s.lr * s.weight_decay) - s.step_size * _scaled_update(s, g, a, b)
 
 
 def _eps_pair(name, value):
@@ -127,25 +136,30 @@ class Adafactor(Optimizer):
         return AdafactorScalars(
             lr=lr, one_minus_beta2=t ** group["beta2_decay"], rho=min(lr, 1 / t**0.5),
             eps1=math.nan if eps1 is None else eps1, eps2=eps2, d=group["d"],
-            weight_decay=group["weight_decay"], step_size=math.nan,
+            weight_decay=group["weight_decay"], step_size=math.nan, factored=False,
+            max_rsqrt=math.nan,
         )
 
     def apply(self, engine, s: AdafactorScalars, p, g, slots):
         if math.isnan(s.eps1):
             s = s._replace(eps1=torch.finfo(p.dtype).eps)
+        s = s._replace(factored="variance" not in slots,
+                       max_rsqrt=1 / s.eps1 if s.eps1 > 0 else math.inf)
         n = p.numel()
         (p_sq,) = engine.map(_square, s, [p], [], n_sums=1)
         alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
         if "variance" in slots:
             variance = slots["variance"]
             engine.map(_ema_of_square, s, [variance, g], [variance])
-            row, col, norm = variance, 1.0, 1.0
+            a, b = variance, 1.0
         else:
             row, col = slots["row_var"], slots["col_var"]
             row_mean, col_mean = engine.mean_sq_last_dims(g)
             engine.map(_ema, s, [row, row_mean], [row])
             engine.map(_ema, s, [col, col_mean], [col])
             norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
-        (u_sq,) = engine.map(_update_sq, s, [g, row, col, norm], [], n_sums=1)
+            compute = compute_dtype(p.dtype)
+            a, b = row.to(compute).rsqrt(), (col.to(compute) / norm.to(compute)).rsqrt()
+        (u_sq,) = engine.map(_update_sq, s, [g, a, b], [], n_sums=1)
         s = s._replace(step_size=alpha / max(1.0, math.sqrt(u_sq / n) / s.d))
-        engine.map(_apply_update, s, [p, g, row, col, norm], [p])
+        engine.map(_apply_update, s, [p, g, a, b], [p])

@@ -18,8 +18,8 @@ class FAdamScalars(NamedTuple):
     clip: float
     weight_decay: float
     eps_t: float  # eps * min(1, RMS(g)), set after the first pass
-    grad_divisor: float  # max(1, RMS(g_bar)) / clip, set after the second pass
-    weight_divisor: float  # max(1, RMS(w)) / clip, set after the second pass
+    grad_scale: float  # clip / max(1, RMS(g_bar)), set after the second pass
+    weight_scale: float  # clip / max(1, RMS(w)), set after the second pass
 
 
 def _square(s, x):
@@ -28,17 +28,19 @@ def _square(s, x):
 
 def _fisher_pass(s: FAdamScalars, p, g, fim):
     fim = s.fisher_beta * fim + (1 - s.fisher_beta) * (g * g)
-    denom = fim**s.power + s.eps_t
-    g_bar = g / denom
-    w = p / denom
+    # one division per element: g / denom and p / denom as products with 1 / denom (the
+    # kernels are bound by the divider, not by memory, with three divisions per element)
+    inv = 1 / (fim**s.power + s.eps_t)
+    g_bar = g * inv
+    w = p * inv
     return fim, g_bar * g_bar, w * w
 
 
 def _update_pass(s: FAdamScalars, p, g, fim, exp_avg):
-    denom = fim**s.power + s.eps_t
-    g_bar = (g / denom) / s.grad_divisor
+    inv = 1 / (fim**s.power + s.eps_t)
+    g_bar = (g * inv) * s.grad_scale
     exp_avg = s.beta1 * exp_avg + (1 - s.beta1) * g_bar
-    w = (p / denom) / s.weight_divisor
+    w = (p * inv) * s.weight_scale
     return p - s.lr * (exp_avg + s.weight_decay * w), exp_avg
 
 
@@ -106,7 +108,7 @@ class FAdam(Optimizer):
             fisher_beta=beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t),
             eps=group["eps"], power=group["p"], clip=group["clip"],
             weight_decay=group["weight_decay"],
-            eps_t=math.nan, grad_divisor=math.nan, weight_divisor=math.nan,
+            eps_t=math.nan, grad_scale=math.nan, weight_scale=math.nan,
         )
 
     def apply(self, engine, s: FAdamScalars, p, g, slots):
@@ -116,7 +118,7 @@ class FAdam(Optimizer):
         s = s._replace(eps_t=s.eps * min(1.0, math.sqrt(g_sq / n)))
         g_bar_sq, w_sq = engine.map(_fisher_pass, s, [p, g, fim], [fim], n_sums=2)
         s = s._replace(
-            grad_divisor=max(1.0, math.sqrt(g_bar_sq / n)) / s.clip,
-            weight_divisor=max(1.0, math.sqrt(w_sq / n)) / s.clip,
+            grad_scale=s.clip / max(1.0, math.sqrt(g_bar_sq / n)),
+            weight_scale=s.clip / max(1.0, math.sqrt(w_sq / n)),
         )
         engine.map(_update_pass, s, [p, g, fim, exp_avg], [p, exp_avg])

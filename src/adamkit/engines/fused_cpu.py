@@ -574,7 +574,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
                 lines.append(f"buf{j}[{flat_index} - np.uint64(lo)] = r[{k}]")
                 lines.append(f"amax{j} = _u32_max(amax{j}, _finite_abs_bits(r[{k}]))")
         for q in range(n_sums):  # per work item; added to acc{q} at its end
-            value = f"np.float64(r[{n_results - n_sums + q}])"
+            value = f"_E(r[{n_results - n_sums + q}])"
             lines.append(f"lacc{q} = _add_reassoc(lacc{q}, {value})")
         return textwrap.indent("\n".join(lines), " " * ind)
 
@@ -610,7 +610,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         scratch buffer (allocated once per group) and tracks their absmax; a second loop over
         the block then encodes all of them."""
         lines = [f"        buf{j} = np.empty({BLOCK}, {buf_type})" for k, j in quantized]
-        lines += [f"        lacc{q} = 0.0" for q in range(n_sums)]
+        lines += [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
         lines.append(f"        for b in range({first_block}, min({first_block} + {GROUP}, nblk)):")
         lines.append(f"            lo = b * {BLOCK}")
         lines.append(f"            hi = min(lo + {BLOCK}, n)")
@@ -633,7 +633,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             lines += encode_loop(True)
             lines.append("            else:")
             lines += encode_loop(False)
-        lines += [f"        acc{q} += lacc{q}" for q in range(n_sums)]
+        lines += [f"        acc{q} += np.float64(lacc{q})" for q in range(n_sums)]
         return lines
     out = [f"@numba.njit(parallel={parallel}, cache=True, error_model=\"numpy\", nogil=True)",
            f"def kernel({', '.join(args)}):"]
@@ -687,10 +687,20 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             inner = ["        for kk0 in range(nm_):",
                      "            kk = np.uint64(kk0)"]
             flat_index = "np.uint64(row * nm_) + kk"
-        # each work item sums into its own lacc, added to the reduction at its end
-        out += outer + [f"        lacc{q} = 0.0" for q in range(n_sums)]
-        out += inner + [body(12, flat_index)]
-        out += [f"        acc{q} += lacc{q}" for q in range(n_sums)]
+        # each work item sums into its own lacc (in the element dtype, so the loop vectorizes
+        # at full width), added to the reduction in float64 at its end
+        if n_sums and layout == "bcast":  # rows can be long: float32 sums of CHUNK at most
+            out += outer + [f"        racc{q} = 0.0" for q in range(n_sums)]
+            out.append("        for seg in range(0, nm_, CHUNK):")
+            out += [f"            lacc{q} = _E(0.0)" for q in range(n_sums)]
+            out += ["            for kk0 in range(seg, min(seg + CHUNK, nm_)):",
+                    "                kk = np.uint64(kk0)", body(16, flat_index)]
+            out += [f"            racc{q} += np.float64(lacc{q})" for q in range(n_sums)]
+            out += [f"        acc{q} += racc{q}" for q in range(n_sums)]
+        else:
+            out += outer + [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
+            out += inner + [body(12, flat_index)]
+            out += [f"        acc{q} += np.float64(lacc{q})" for q in range(n_sums)]
     if not multi:
         out.append(f"    return ({''.join(f'acc{q}, ' for q in range(n_sums))})")
     header = [

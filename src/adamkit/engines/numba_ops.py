@@ -406,6 +406,7 @@ def finite_abs_bits(x):
 
 
 ROW_SPLITS = 16  # work items per matrix in sq_means_last_dims
+SUM_RUN = 256  # rows (and row segments) summed in the element dtype before adding to float64
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
@@ -414,25 +415,38 @@ def sq_means_last_dims(x, rows, cols, n, m):
 
     One pass over x in memory order: each work item takes a band of rows, finishes their
     row sums and adds its squares into its own column partial sums, which a short second loop
-    adds up (reading columns directly would stride through memory)."""
+    adds up (reading columns directly would stride through memory). The inner loop sums in
+    x's dtype, so it vectorizes at full width for float32; runs of at most SUM_RUN rows (and
+    row segments of SUM_RUN * 64 elements) are then added in float64."""
     batch = x.size // (n * m) if n * m > 0 else 0
     splits = min(n, ROW_SPLITS)
     band = (n + splits - 1) // splits if splits else 0
     partial = np.zeros((batch * splits, m), dtype=np.float64)
+    seg = SUM_RUN * 64
+    zero = np.zeros(1, x.dtype)[0]
     for w in numba.prange(batch * splits):
         b = w // splits
         r0 = (w - b * splits) * band
         part = partial[w]
-        for j in range(r0, min(r0 + band, n)):
+        run = np.zeros(m, x.dtype)  # column sums of the current run of rows
+        r1 = min(r0 + band, n)
+        for j in range(r0, r1):
             base = (b * n + j) * m
             acc = 0.0
-            for k0 in range(m):
-                k = np.uint64(k0)
-                v = np.float64(x[np.uint64(base) + k])
-                v = v * v
-                acc = add_reassoc(acc, v)
-                part[k] += v
+            for k1 in range(0, m, seg):
+                sacc = zero
+                for k0 in range(k1, min(k1 + seg, m)):
+                    k = np.uint64(k0)
+                    v = x[np.uint64(base) + k]
+                    v = v * v
+                    sacc = add_reassoc(sacc, v)
+                    run[k] += v
+                acc += np.float64(sacc)
             rows[b * n + j] = acc / m
+            if (j - r0) % SUM_RUN == SUM_RUN - 1 or j == r1 - 1:
+                for k0 in range(m):
+                    part[k0] += np.float64(run[k0])
+                    run[k0] = zero
     for bk in numba.prange(batch * m):
         b = bk // m
         k = bk - b * m
