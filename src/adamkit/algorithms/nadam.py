@@ -18,7 +18,7 @@ class NAdamScalars(NamedTuple):
     eps: float
     weight_decay: float
     decoupled: bool
-    bias_correction2: float
+    inv_bias_correction2: float  # 1 / (1 - beta2^t)
     grad_coef: float  # lr (1 - mu_t) / (1 - prod_{i<=t} mu_i)
     exp_avg_coef: float  # lr mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
 
@@ -91,7 +91,7 @@ class NAdam(Optimizer):
         return NAdamScalars(
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-            bias_correction2=1 - beta2**t,
+            inv_bias_correction2=1 / (1 - beta2**t),
             grad_coef=lr * (1.0 - mu) / (1.0 - mu_product),
             exp_avg_coef=lr * mu_next / (1.0 - mu_product * mu_next),
         )
@@ -105,6 +105,7 @@ class NAdam(Optimizer):
                 g = g + s.weight_decay * p
         exp_avg = lerp(exp_avg, g, 1 - s.beta1)
         exp_avg_sq = exp_avg_sq * s.beta2 + (1 - s.beta2) * (g * g)
-        denom = sqrt(exp_avg_sq / s.bias_correction2) + s.eps
-        p = p - s.grad_coef * (g / denom) - s.exp_avg_coef * (exp_avg / denom)
+        # one division per element (the kernels are bound by the divider, not by memory)
+        inv = 1 / (sqrt(exp_avg_sq * s.inv_bias_correction2) + s.eps)
+        p = p - s.grad_coef * (g * inv) - s.exp_avg_coef * (exp_avg * inv)
         return p, exp_avg, exp_avg_sq
