@@ -12,6 +12,8 @@ so only the first run pays for compilation.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -153,6 +155,46 @@ def test_fused_matches_reference(name, kwargs, dtype, tol, count_fused, monkeypa
                     f"{_rel(state[key], value):.3g}"
             else:
                 assert state[key] == value, key
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_adafactor_conv_shapes_match_reference(dtype, tol):
+    """Adafactor factors the last two dims: on conv kernels those are 3x3 or 1x1, batches of
+    tiny matrices (the small-matrix sums and short-row broadcast kernels; 128x128x3x3 is
+    above SERIAL_BELOW, so it also runs on the thread pool)."""
+    shapes = [(128, 128, 3, 3), (16, 8, 3, 3), (64, 32, 1, 1), (7, 5, 2, 3), (3, 70, 60)]
+    assert math.prod(shapes[0]) >= fused_cpu.SERIAL_BELOW
+    results = []
+    for backend in ("reference", "fused"):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        opt = adamkit.Adafactor(params, lr=0.02, weight_decay=0.1, backend=backend)
+        for step in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            opt.step()
+        results.append((params, opt))
+    (ref, ref_opt), (fused, opt) = results
+    for i, (p, q) in enumerate(zip(fused, ref)):
+        assert _rel(p, q) <= tol, f"parameter {i} {tuple(p.shape)}: {_rel(p, q):.3g}"
+        for key in ("row_var", "col_var"):
+            assert _rel(opt.state[p][key], ref_opt.state[q][key]) <= tol, (i, key)
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (4096, 3, 3), (2, 1, 1), (300, 2, 5), (4, 7),
+                                   (5000, 7), (2, 300, 200), (1, 70000)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)],
+                         ids=["float64", "float32"])
+def test_mean_sq_last_dims_matches_reference(shape, dtype, tol):
+    """Row and column means of g^2, small matrices (summed whole) and large ones (row bands,
+    element-dtype runs), against torch in float64."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rows, cols = fused_cpu.FusedEngine(dtype).mean_sq_last_dims(x.to(dtype))
+    sq = x.to(dtype).double() ** 2
+    assert rows.shape == shape[:-1] + (1,) and cols.shape == shape[:-2] + (1, shape[-1])
+    assert _rel(rows, sq.mean(dim=-1, keepdim=True)) <= tol
+    assert _rel(cols, sq.mean(dim=-2, keepdim=True)) <= tol
 
 
 def test_parameters_move():

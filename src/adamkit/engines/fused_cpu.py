@@ -499,6 +499,7 @@ CHUNK = BLOCK * GROUP  # elements per parallel work item of the multi-tensor lay
 # the same (FAdam, Adafactor on GPT-2 and ResNet-18 shapes); on the workqueue layer, Numba's
 # fallback, a launch costs 50-200 us, the time one core takes to update about 100k elements.
 SERIAL_BELOW = 1 << 17
+ROW_BLOCK = 4096  # elements per work item of the bcast layout (whole rows, at least one)
 
 
 def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kinds: Sequence[str],
@@ -675,32 +676,42 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         out.append("    for grp in numba.prange(ngroups):")
         out += block_group(f"grp * {GROUP}")
     else:
-        if layout == "flat":  # prange over chunks of CHUNK elements
-            outer = ["    for c in numba.prange((n + CHUNK - 1) // CHUNK):"]
-            inner = ["        for i0 in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):",
-                     "            i = np.uint64(i0)"]
-            flat_index = "i"
-        else:  # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast)
-            outer = ["    for row in numba.prange(nb_ * nn_):",
-                     "        bb = row // nn_",
-                     "        jj = row - bb * nn_"]
-            inner = ["        for kk0 in range(nm_):",
-                     "            kk = np.uint64(kk0)"]
-            flat_index = "np.uint64(row * nm_) + kk"
         # each work item sums into its own lacc (in the element dtype, so the loop vectorizes
         # at full width), added to the reduction in float64 at its end
-        if n_sums and layout == "bcast":  # rows can be long: float32 sums of CHUNK at most
-            out += outer + [f"        racc{q} = 0.0" for q in range(n_sums)]
-            out.append("        for seg in range(0, nm_, CHUNK):")
-            out += [f"            lacc{q} = _E(0.0)" for q in range(n_sums)]
-            out += ["            for kk0 in range(seg, min(seg + CHUNK, nm_)):",
-                    "                kk = np.uint64(kk0)", body(16, flat_index)]
-            out += [f"            racc{q} += np.float64(lacc{q})" for q in range(n_sums)]
-            out += [f"        acc{q} += racc{q}" for q in range(n_sums)]
-        else:
-            out += outer + [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
-            out += inner + [body(12, flat_index)]
+        if layout == "flat":  # prange over chunks of CHUNK elements
+            out += ["    for c in numba.prange((n + CHUNK - 1) // CHUNK):"]
+            out += [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
+            out += ["        for i0 in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):",
+                    "            i = np.uint64(i0)", body(12, "i")]
             out += [f"        acc{q} += np.float64(lacc{q})" for q in range(n_sums)]
+        else:
+            # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast). A
+            # work item takes a block of about ROW_BLOCK elements' worth of rows (short rows,
+            # like a conv kernel's 3x3, would otherwise cost a division and a loop each) and
+            # steps (batch, row) along them; long rows are summed in CHUNK segments.
+            flat_index = "np.uint64(row * nm_) + kk"
+            out += ["    nrows = nb_ * nn_",
+                    f"    rb_ = max(1, {ROW_BLOCK} // nm_)",
+                    "    for blk in numba.prange((nrows + rb_ - 1) // rb_):",
+                    "        row0 = blk * rb_",
+                    "        bb = row0 // nn_",
+                    "        jj = row0 - bb * nn_"]
+            out += [f"        bacc{q} = 0.0" for q in range(n_sums)]
+            out.append("        for row in range(row0, min(row0 + rb_, nrows)):")
+            if n_sums:
+                out.append("            for seg in range(0, nm_, CHUNK):")
+                out += [f"                lacc{q} = _E(0.0)" for q in range(n_sums)]
+                out += ["                for kk0 in range(seg, min(seg + CHUNK, nm_)):",
+                        "                    kk = np.uint64(kk0)", body(20, flat_index)]
+                out += [f"                bacc{q} += np.float64(lacc{q})" for q in range(n_sums)]
+            else:
+                out += ["            for kk0 in range(nm_):",
+                        "                kk = np.uint64(kk0)", body(16, flat_index)]
+            out += ["            jj += 1",
+                    "            if jj == nn_:",
+                    "                jj = 0",
+                    "                bb += 1"]
+            out += [f"        acc{q} += bacc{q}" for q in range(n_sums)]
     if not multi:
         out.append(f"    return ({''.join(f'acc{q}, ' for q in range(n_sums))})")
     header = [

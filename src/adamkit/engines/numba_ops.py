@@ -406,7 +406,30 @@ def finite_abs_bits(x):
 
 
 ROW_SPLITS = 16  # work items per matrix in sq_means_last_dims
+SMALL_MATRIX = 4096  # matrices with fewer elements are summed whole, many per work item
 SUM_RUN = 256  # rows (and row segments) summed in the element dtype before adding to float64
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+def _sq_means_small(x, rows, cols, batch, n, m):
+    """sq_means_last_dims for small matrices (a conv kernel's 3x3): a work item takes whole
+    matrices, about SMALL_MATRIX elements' worth, and sums each in float64."""
+    per = max(1, SMALL_MATRIX // (n * m))
+    for w in numba.prange((batch + per - 1) // per):
+        col = np.empty(m, dtype=np.float64)
+        for b in range(w * per, min(w * per + per, batch)):
+            col[:] = 0.0
+            for j in range(n):
+                base = (b * n + j) * m
+                acc = 0.0
+                for k in range(m):
+                    v = np.float64(x[base + k])
+                    v = v * v
+                    acc += v
+                    col[k] += v
+                rows[b * n + j] = acc / m
+            for k in range(m):
+                cols[b * m + k] = col[k] / n
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
@@ -419,6 +442,9 @@ def sq_means_last_dims(x, rows, cols, n, m):
     x's dtype, so it vectorizes at full width for float32; runs of at most SUM_RUN rows (and
     row segments of SUM_RUN * 64 elements) are then added in float64."""
     batch = x.size // (n * m) if n * m > 0 else 0
+    if n * m < SMALL_MATRIX:
+        _sq_means_small(x, rows, cols, batch, n, m)
+        return
     splits = min(n, ROW_SPLITS)
     band = (n + splits - 1) // splits if splits else 0
     partial = np.zeros((batch * splits, m), dtype=np.float64)
