@@ -855,7 +855,8 @@ def _load_kernel(key: tuple, fn: Callable, fields, kinds, stores, n_sums, n_resu
 
 
 def _numpy(t: Tensor):
-    t = t.detach()
+    if t.requires_grad and torch.is_grad_enabled():  # step() runs under no_grad: no detach
+        t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.reshape(-1).numpy()
@@ -1096,7 +1097,7 @@ class FusedEngine:
 
         import numpy as np
 
-        sv = np.array([float(v) for v in s], dtype=np.float64)
+        sv = np.array(s, dtype=np.float64)
         args = [sv, n, self.seed, self.stochastic_bf16, self.stochastic_int8]
         if layout == "bcast":
             sizes = [1, 1, *shape][-3:] if len(shape) < 3 else [math.prod(shape[:-2]),
