@@ -87,3 +87,28 @@ def test_bad_arguments_are_rejected():
     assert parser.parse_args(["--on-nonfinite", "apply,skip"]).on_nonfinite == ["apply", "skip"]
     args = parser.parse_args(["--optimizers", "all"])
     assert "sparseadam" not in args.optimizers and "adamw" in args.optimizers
+
+
+def test_bad_warmup_names_the_problem(capsys):
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--warmup", "-1"])
+    assert "argument --warmup: must be >= 0, got -1" in capsys.readouterr().err
+    assert parser.parse_args(["--warmup", "0"]).warmup == 0
+
+
+def test_radam_is_timed_past_its_rectification_threshold(monkeypatch):
+    """RAdam's first 5 steps are un-rectified (some libraries skip them): its rows warm up
+    for at least 5 steps, the others for --warmup."""
+    warmups = []
+    original = speed.time_interleaved
+
+    def recording(opt, baseline, steps, warmup):
+        warmups.append((type(opt).__name__, warmup))
+        return original(opt, baseline, steps, warmup)
+
+    monkeypatch.setattr(speed, "time_interleaved", recording)
+    assert speed.main(["--shapes", "uniform", "--scale", "0.001", "--steps", "1", "--warmup",
+                       "1", "--optimizers", "radam,adam"]) == 0
+    assert warmups == [("RAdam", 5), ("Adam", 1)]

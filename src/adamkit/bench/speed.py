@@ -445,6 +445,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="gpt2",
                         help="parameter shapes: GPT-2 small (124M), ResNet-18 (11.7M) or 64 "
@@ -464,7 +471,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default apply; 'apply,skip' shows what the NaN/Inf check costs)")
     parser.add_argument("--steps", type=_positive_int, default=10,
                         help="timed steps; the median is reported (default 10)")
-    parser.add_argument("--warmup", type=int, default=3,
+    parser.add_argument("--warmup", type=_non_negative_int, default=3,
                         help="untimed steps first (default 3; at least 5 for RAdam, whose "
                         "rectified steps start at step 6)")
     parser.add_argument("--compare", action="store_true",
