@@ -79,9 +79,6 @@ class Optimizer(torch.optim.Optimizer):
     #: 8-bit state is stored with stochastic rounding (unbiased moving averages); set False on
     #: an instance to round to nearest (both engines then agree bit for bit)
     round_int8_stochastically: bool = True
-    #: whether backend="auto" picks the fused engine for this algorithm; False where the fused
-    #: engine is measured slower than the reference engine (``adamkit speed --backend ...``)
-    fused_auto: ClassVar[bool] = True
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
     sparse_note: ClassVar[str] = ""
@@ -239,7 +236,7 @@ class Optimizer(torch.optim.Optimizer):
         # Single-pass rules on the fused engine are collected and run at the end, one kernel
         # launch for all tensors that share a kernel (see fused_cpu.KernelBatch).
         batch = None
-        if (self.backend == "fused" or (self.backend == "auto" and self.fused_auto)) \
+        if self.backend in ("fused", "auto") \
                 and type(self).apply is Optimizer.apply \
                 and fused_cpu.available():
             batch = fused_cpu.KernelBatch()
@@ -345,7 +342,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         slots = {name: state[name] for name in names}
         fused = False
-        if self.backend == "fused" or (self.backend == "auto" and self.fused_auto):
+        if self.backend in ("fused", "auto"):
             blocker = self._fused_blocker(p, grad, slots)
             if blocker is not None and self.backend == "fused":
                 raise ValueError(

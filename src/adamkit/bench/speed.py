@@ -438,18 +438,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``, else an error that names the bound."""
 
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in "invalid ..." errors
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -469,9 +468,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-nonfinite", type=_modes, default=["apply"],
                         help="comma-separated on_nonfinite modes to time: apply, skip, raise "
                              "(default apply; 'apply,skip' shows what the NaN/Inf check costs)")
-    parser.add_argument("--steps", type=_positive_int, default=10,
+    parser.add_argument("--steps", type=_int_at_least(1), default=10,
                         help="timed steps; the median is reported (default 10)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=3,
+    parser.add_argument("--warmup", type=_int_at_least(0), default=3,
                         help="untimed steps first (default 3; at least 5 for RAdam, whose "
                         "rectified steps start at step 6)")
     parser.add_argument("--compare", action="store_true",
