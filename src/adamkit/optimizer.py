@@ -241,13 +241,26 @@ class Optimizer(torch.optim.Optimizer):
                 and fused_cpu.available():
             batch = fused_cpu.KernelBatch()
         self._batch = batch
+        # A parameter whose tensors are where they were at its last step takes a fast path
+        # that re-adds that step's map with new scalars (see _Plan); others take the full one.
+        plans = None if batch is None else self.__dict__.setdefault("_plans", {})
         # parameters' step counters, incremented together at the end (see advance_step)
         pending = self._pending_steps = []
         try:
             for gi, group in enumerate(self.param_groups):
                 for pi, p in enumerate(group["params"]):
-                    if p.grad is not None:
+                    grad = p.grad
+                    if grad is None:
+                        continue
+                    if plans is None:
                         self._step_parameter(group, p, (gi, pi))
+                        continue
+                    plan = plans.get(p)
+                    if plan is not None and plan.repeat(self, group, p, grad, (gi, pi), batch):
+                        continue
+                    batch.last = None
+                    self._step_parameter(group, p, (gi, pi))
+                    plans[p] = _Plan.record(self, group, p, grad, batch.last)
         finally:
             self._batch = self._pending_steps = None
             if pending:
@@ -363,12 +376,7 @@ class Optimizer(torch.optim.Optimizer):
         # seeds stochastic rounding of 8-bit state: deterministic, different every step
         # and of bfloat16 values (stochastic_rounding); optimizers without a step count (SGD)
         # use the number of step() calls
-        if self._last_step is not None:  # the count advance_step returned for this step
-            count = int(self._last_step)
-        else:
-            count = int(float(state["step"])) if "step" in state else self._steps_taken
-        seed = (count * 0x9E3779B1 + p.numel() + (where[0] * 7919 + where[1]) * 0x632BE5AB) \
-            & 0x3FFFFFFF
+        seed = self._seed(state, p, where)
         if group["maximize"] and (grad.is_sparse or not fused):
             grad = -grad
         if fused:
@@ -395,6 +403,14 @@ class Optimizer(torch.optim.Optimizer):
             self.apply(engine, s, p, grad, slots)
         for i, (k, q) in enumerate(quantized.items()):
             q.copy_(slots[k], seed=seed + i if self.round_int8_stochastically else None)
+
+    def _seed(self, state: dict, p: Tensor, where: tuple[int, int]) -> int:
+        if self._last_step is not None:  # the count advance_step returned for this step
+            count = int(self._last_step)
+        else:
+            count = int(float(state["step"])) if "step" in state else self._steps_taken
+        return (count * 0x9E3779B1 + p.numel() + (where[0] * 7919 + where[1]) * 0x632BE5AB) \
+            & 0x3FFFFFFF
 
     def _apply_sparse(self, engine, s, p: Tensor, grad: Tensor, slots: dict[str, Tensor]) -> None:
         # The rule runs on the rows the gradient touches; other rows and their state are left
@@ -429,6 +445,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_plans", None)  # they hold the replaced state tensors
         # torch casts loaded floating state to the parameter's dtype and keeps other values as
         # they are; convert every slot to this optimizer's storage (8-bit codes <-> floats).
         for group in self.param_groups:
@@ -458,3 +475,71 @@ class Optimizer(torch.optim.Optimizer):
             pending.append(step)
         self._last_step = t
         return t
+
+
+def _addresses(value) -> tuple[int, ...]:
+    if isinstance(value, BlockQuantized):
+        return (value.codes.data_ptr(), value.absmax.data_ptr())
+    return (value.data_ptr(),)
+
+
+class _Plan:
+    """A parameter's last fused, batched step, kept to repeat it cheaply (small models have
+    hundreds of tensors, and the full path costs ~25 us of Python for each).
+
+    :meth:`record` keeps the map that the full path added to the step's KernelBatch, with what
+    it depended on: the parameter's address, dtype and shape, its state objects and their
+    addresses, ``maximize`` and the optimizer's storage settings. :meth:`repeat` checks all of
+    that and the new gradient (dense, CPU, contiguous, the parameter's dtype and shape), then
+    runs the rule's ``scalars`` (step counts advance as usual) and adds the same map with the
+    new scalars, seed and gradient address. Any difference sends the parameter down the full
+    path, which records a new plan.
+    """
+
+    __slots__ = ("address", "dtype", "shape", "names", "slots", "slot_addresses", "maximize",
+                 "settings", "last")
+
+    @classmethod
+    def record(cls, opt: Optimizer, group: dict, p: Tensor, grad: Tensor, last) -> "_Plan | None":
+        if last is None or p.is_complex() or grad.is_sparse:
+            return None
+        spec, n, operands = last
+        if operands[0][0] != p.data_ptr() or operands[1][0] != grad.data_ptr():
+            return None  # not the default apply's map of (p, grad, *slots)
+        plan = cls()
+        plan.address = p.data_ptr()
+        plan.dtype = p.dtype
+        plan.shape = p.shape
+        plan.names = opt.state_slots(group, p)
+        state = opt.state[p]
+        plan.slots = tuple(state[name] for name in plan.names)
+        plan.slot_addresses = tuple(_addresses(v) for v in plan.slots)
+        plan.maximize = group["maximize"]
+        plan.settings = (opt.state_dtype, opt.stochastic_rounding, opt.round_int8_stochastically)
+        plan.last = last
+        return plan
+
+    def repeat(self, opt: Optimizer, group: dict, p: Tensor, grad: Tensor,
+               where: tuple[int, int], batch) -> bool:
+        """Add this step of ``p`` to ``batch`` if nothing changed; False (and no effect) if
+        something did."""
+        dtype, shape = self.dtype, self.shape
+        if (grad.layout != torch.strided or not grad.is_cpu or grad.dtype != dtype
+                or grad.shape != shape or not grad.is_contiguous()
+                or p.data_ptr() != self.address or p.dtype != dtype or p.shape != shape
+                or not p.is_contiguous() or group["maximize"] != self.maximize
+                or self.settings != (opt.state_dtype, opt.stochastic_rounding,
+                                     opt.round_int8_stochastically)):
+            return False
+        state = opt.state[p]
+        if opt.state_slots(group, p) != self.names:
+            return False
+        for name, value, addresses in zip(self.names, self.slots, self.slot_addresses):
+            current = state.get(name)
+            if current is not value or _addresses(current) != addresses:
+                return False
+        opt._last_step = None
+        s = opt.scalars(group, state)
+        batch.repeat(self.last, s, opt._seed(state, p, where), grad.data_ptr(),
+                     (p, grad, *self.slots))
+        return True

@@ -445,6 +445,26 @@ def _rule_program(fn: Callable) -> _RuleProgram:
     return program
 
 
+def rule_outcomes(fn: Callable, s, dtype: torch.dtype) -> tuple:
+    """The rule's scalar-only branch outcomes and exponents for scalars ``s`` (part of a
+    kernel's identity). The tensors of a param group share their scalars, so the outcomes are
+    memoized, not re-evaluated per tensor."""
+    program = _PROGRAMS.get(fn) or _rule_program(fn)
+    if not program.points:
+        return ()
+    memo = (fn, s, dtype)
+    try:
+        outcomes = _OUTCOMES.get(memo)
+    except TypeError:  # an unhashable scalar: evaluate every time
+        return program.outcomes(s, dtype)
+    if outcomes is None:
+        outcomes = program.outcomes(s, dtype)
+        if len(_OUTCOMES) > 4096:
+            _OUTCOMES.clear()
+        _OUTCOMES[memo] = outcomes
+    return outcomes
+
+
 def _translate(fn: Callable, name: str) -> _RuleProgram:
     """``fn`` (and the same-module helpers it calls) with element casts, as a
     :class:`_RuleProgram` (its import lines and the module sources hashed into kernel names).
@@ -899,6 +919,8 @@ class KernelBatch:
 
     def __init__(self):
         self._groups: dict[tuple, list] = {}
+        #: the most recently added map, as ``(spec, n, operands)``: what :meth:`repeat` needs
+        self.last: tuple | None = None
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._groups.values())
@@ -906,6 +928,20 @@ class KernelBatch:
     def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep) -> None:
         # ``keep`` holds the operand tensors so their memory outlives the addresses
         self._groups.setdefault(spec, []).append((values, n, seed, operands, keep))
+        self.last = (spec, n, operands)
+
+    def repeat(self, last: tuple, s, seed: int, grad_address: int, keep) -> None:
+        """Add a map recorded as ``last`` by an earlier step again, with new scalars ``s``, a
+        new seed and operand 1 (the gradient) at ``grad_address``; every other operand must
+        still be where it was (the caller checks). This is the optimizer's fast path for a
+        parameter whose tensors have not changed since its last step: no per-operand checks,
+        no kernel lookup."""
+        spec, n, operands = last
+        outcomes = rule_outcomes(spec[0], s, spec[4])
+        if outcomes != spec[-1]:
+            spec = spec[:-1] + (outcomes,)
+        operands = [operands[0], (grad_address, 0), *operands[2:]]
+        self.add(spec, tuple(s), n, seed, operands, keep)
 
     def flush(self) -> None:
         import numpy as np
@@ -1047,20 +1083,7 @@ class FusedEngine:
             j for j, t in enumerate(ins) if t is self.negate and kinds[j] in _FLOAT_ARRAYS)
         # the rule's scalar-only branches and exponents, resolved per kernel (the tensors of a
         # param group share their scalars, so the outcomes are looked up, not re-evaluated)
-        program = _PROGRAMS.get(fn) or _rule_program(fn)
-        outcomes = ()
-        if program.points:
-            memo = (fn, s, self.dtype)
-            try:
-                outcomes = _OUTCOMES.get(memo)
-            except TypeError:  # an unhashable scalar: evaluate every time
-                memo = outcomes = None
-            if outcomes is None:
-                outcomes = program.outcomes(s, self.dtype)
-                if memo is not None:
-                    if len(_OUTCOMES) > 4096:
-                        _OUTCOMES.clear()
-                    _OUTCOMES[memo] = outcomes
+        outcomes = rule_outcomes(fn, s, self.dtype)
         if self.batch is not None and n_sums == 0 and layout in ("flat", "block"):
             operands = []
             for t, kind in zip(ins, kinds):
