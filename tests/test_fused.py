@@ -473,3 +473,73 @@ def test_repeated_steps_take_the_fast_path_and_notice_every_change(count_fused):
     step(1)  # contiguous again: parameter 0 takes the full path once more
     grads()
     step(0)
+
+
+# kernels launched per pass of one step: FAdam's sum of g^2, Fisher pass, update (with int8
+# state the tensors under 4096 elements keep float32 state: a second kernel once state is read);
+# Adafactor (1-D tensors: unfactored) sum of p^2, EMA of g^2, sum of U^2, update
+@pytest.mark.parametrize("name,state_dtype,per_pass", [
+    ("fadam", None, [1, 1, 1]), ("fadam", "int8", [1, 2, 2]), ("adafactor", None, [1, 1, 1, 1])])
+def test_multi_pass_rules_run_each_pass_once_for_all_tensors(name, state_dtype, per_pass,
+                                                           monkeypatch):
+    """FAdam's and Adafactor's generator ``apply`` advance in lockstep: each pass is one
+    launch over every tensor (per kernel), with per-tensor sums from per-chunk partials. On
+    tensors of several chunks, a chunk's tail, one element and 5000 elements, in float64, to
+    1e-12: against the reference engine (float state) and against the same rule run tensor by
+    tensor (int8 state too: there the reference engine keeps the state in float between the
+    passes of a step, the fused one stores it in 8 bits after each pass)."""
+    sizes = [(fused_cpu.CHUNK * 2 + 517,), (1,), (5000,), (300,)]
+
+    def run(backend, batched=True):
+        if not batched:  # step() then runs every map as it comes
+            monkeypatch.setattr(fused_cpu, "KernelBatch", lambda: None)
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_()
+                  for s in sizes]
+        opt = adamkit.create(name, params, lr=0.01, state_dtype=state_dtype, backend=backend)
+        opt.round_int8_stochastically = False  # deterministic codes
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        monkeypatch.undo()
+        return params, opt
+
+    launches = []
+    original = fused_cpu.KernelBatch.flush
+
+    def counting_flush(self):
+        if self._groups:
+            launches.append(len(self._groups))
+        return original(self)
+
+    monkeypatch.setattr(fused_cpu.KernelBatch, "flush", counting_flush)
+    fused, opt_f = run("fused")
+    assert launches == per_pass * 4
+    oracles = [run("fused", batched=False)]
+    if state_dtype is None:
+        oracles.append(run("reference"))
+    for others, opt_o in oracles:
+        for p, q in zip(fused, others):
+            assert _rel(p.detach(), q.detach()) <= 1e-12
+            for key, value in opt_o.state[q].items():
+                mine = opt_f.state[p][key]
+                if hasattr(value, "codes"):
+                    mine, value = mine.dequantize(torch.float64), value.dequantize(torch.float64)
+                assert _rel(mine, value) <= 1e-12, key
+
+
+def test_a_sum_needed_without_yield_is_an_error():
+    """In a generator apply the sums of a batched map exist only after the other tensors reach
+    the same pass: unpacking them without yielding names the fix."""
+    from adamkit.algorithms.fadam import FAdam, _square
+
+    class Forgetful(FAdam):
+        def apply(self, engine, s, p, g, slots):
+            (g_sq,) = engine.map(_square, s, [g], [], n_sums=1)
+            yield
+
+    p = torch.ones(10, requires_grad=True)
+    p.grad = torch.ones(10)
+    with pytest.raises(TypeError, match=r"yield the map in a generator apply"):
+        Forgetful([p], backend="fused").step()

@@ -11,7 +11,11 @@ An algorithm subclasses :class:`Optimizer` and declares, in its own file:
 * ``update(s, p, g, *slots)``: the per-element rule, written with arithmetic and
   :mod:`adamkit.engines.ops` only, returning the new ``(p, *slots)``;
 * optionally ``apply(engine, s, p, g, slots)`` when the rule needs per-tensor reductions
-  (FAdam, Adafactor): a short program of ``engine.map`` passes.
+  (FAdam, Adafactor): a short program of ``engine.map`` passes, written as a generator that
+  yields each map whose sums it needs (``(total,) = yield engine.map(..., n_sums=1)``) and
+  yields before it reads a tensor an earlier map wrote. On the fused engine every tensor's
+  program then advances in lockstep: each ``yield`` is a point where the step runs all tensors'
+  pending maps with one launch per kernel (see :meth:`Optimizer._run_in_lockstep`).
 
 Everything else lives here, once: param groups and their validation, lazy state creation,
 ``maximize``, complex parameters (as real views, like torch), sparse gradients (the rule runs on
@@ -20,6 +24,7 @@ the gathered rows), non-finite gradient handling, state storage dtype and engine
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -117,6 +122,11 @@ class Optimizer(torch.optim.Optimizer):
         """Run the rule on one tensor: a single elementwise pass by default."""
         tensors = [slots.get(name) for name in self.slot_names]
         engine.map(self.update, s, [p, g, *tensors], [p, *tensors])
+
+    def apply_now(self, engine, s, p: Tensor, g: Tensor, slots: dict[str, Tensor]) -> None:
+        """``apply`` on one tensor, run to its end (a generator ``apply`` is driven through its
+        yields) on an engine that executes maps at once: for callers outside ``step()``."""
+        _run_to_end(self.apply(engine, s, p, g, slots))
 
     # ---- front end ----------------------------------------------------------------------
     def __init__(
@@ -235,15 +245,19 @@ class Optimizer(torch.optim.Optimizer):
         self._steps_taken = getattr(self, "_steps_taken", 0) + 1
         # Single-pass rules on the fused engine are collected and run at the end, one kernel
         # launch for all tensors that share a kernel (see fused_cpu.KernelBatch).
+        # Multi-pass rules written as generators run their passes in lockstep across tensors.
+        default_apply = type(self).apply is Optimizer.apply
+        lockstep = inspect.isgeneratorfunction(type(self).apply)
         batch = None
-        if self.backend in ("fused", "auto") \
-                and type(self).apply is Optimizer.apply \
+        if self.backend in ("fused", "auto") and (default_apply or lockstep) \
                 and fused_cpu.available():
             batch = fused_cpu.KernelBatch()
         self._batch = batch
+        self._lockstep = [] if batch is not None and lockstep else None
         # A parameter whose tensors are where they were at its last step takes a fast path
         # that re-adds that step's map with new scalars (see _Plan); others take the full one.
-        plans = None if batch is None else self.__dict__.setdefault("_plans", {})
+        plans = None if batch is None or not default_apply \
+            else self.__dict__.setdefault("_plans", {})
         # parameters' step counters, incremented together at the end (see advance_step)
         pending = self._pending_steps = []
         try:
@@ -261,13 +275,35 @@ class Optimizer(torch.optim.Optimizer):
                     batch.last = None
                     self._step_parameter(group, p, (gi, pi))
                     plans[p] = _Plan.record(self, group, p, grad, batch.last)
+            if self._lockstep:
+                self._run_in_lockstep(self._lockstep, batch)
         finally:
-            self._batch = self._pending_steps = None
+            self._batch = self._pending_steps = self._lockstep = None
             if pending:
                 torch._foreach_add_(pending, 1.0)
             if batch is not None:
                 batch.flush()
         return loss
+
+    @staticmethod
+    def _run_in_lockstep(programs: list, batch) -> None:
+        """Advance every tensor's generator ``apply`` to its next ``yield``, run the maps they
+        deferred (one launch per kernel), send each its sums, and repeat until all are done."""
+        values = [None] * len(programs)
+        active = list(range(len(programs)))
+        while active:
+            waiting = []
+            for i in active:
+                try:
+                    values[i] = programs[i].send(values[i])
+                    waiting.append(i)
+                except StopIteration:
+                    pass
+            batch.flush()
+            for i in waiting:
+                if isinstance(values[i], fused_cpu.Pending):
+                    values[i] = values[i].value
+            active = waiting
 
     def _gradients_finite(self) -> bool:
         flags = []
@@ -355,6 +391,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         slots = {name: state[name] for name in names}
         fused = False
+        lockstep = None
         if self.backend in ("fused", "auto"):
             blocker = self._fused_blocker(p, grad, slots)
             if blocker is not None and self.backend == "fused":
@@ -381,12 +418,14 @@ class Optimizer(torch.optim.Optimizer):
             grad = -grad
         if fused:
             # maximize costs no extra pass: the kernel reads the gradient with its sign flipped
+            lockstep = None if grad.is_sparse else getattr(self, "_lockstep", None)
             engine = fused_cpu.FusedEngine(
                 p.dtype, negate=grad if group["maximize"] and not grad.is_sparse else None,
                 seed=seed, stochastic_int8=self.round_int8_stochastically,
                 stochastic_bf16=self.stochastic_rounding,
                 # sparse steps run on gathered copies that are scattered back right away
-                batch=None if grad.is_sparse else getattr(self, "_batch", None))
+                batch=None if grad.is_sparse else getattr(self, "_batch", None),
+                batch_sums=lockstep is not None)
         else:
             # complex parameters run as real views: the engine computes in their real dtype
             engine = self._engine(torch.view_as_real(p) if p.is_complex() else p)
@@ -394,13 +433,18 @@ class Optimizer(torch.optim.Optimizer):
                 engine.stochastic_seed = seed
         if grad.is_sparse:
             self._apply_sparse(engine, s, p, grad, slots)
+            program = None
         elif p.is_complex():
             p = torch.view_as_real(p)
             grad = torch.view_as_real(grad)
             slots = {k: torch.view_as_real(v) if v.is_complex() else v for k, v in slots.items()}
-            self.apply(engine, s, p, grad, slots)
+            program = self.apply(engine, s, p, grad, slots)
         else:
-            self.apply(engine, s, p, grad, slots)
+            program = self.apply(engine, s, p, grad, slots)
+        if program is not None and lockstep is not None:  # a generator apply, batched
+            lockstep.append(program)  # step() runs it alongside the other tensors
+            return
+        _run_to_end(program)
         for i, (k, q) in enumerate(quantized.items()):
             q.copy_(slots[k], seed=seed + i if self.round_int8_stochastically else None)
 
@@ -427,8 +471,8 @@ class Optimizer(torch.optim.Optimizer):
         targets = {"p": p, **slots}
         flat = {k: v.reshape(-1, *dense_shape) for k, v in targets.items()}
         gathered = {k: v.index_select(0, rows) for k, v in flat.items()}
-        self.apply(engine, s, gathered["p"], values,
-                   {k: v for k, v in gathered.items() if k != "p"})
+        self.apply_now(engine, s, gathered["p"], values,
+                       {k: v for k, v in gathered.items() if k != "p"})
         for k, v in flat.items():
             v.index_copy_(0, rows, gathered[k])
             if v.data_ptr() != targets[k].data_ptr() or not targets[k].is_contiguous():
@@ -475,6 +519,20 @@ class Optimizer(torch.optim.Optimizer):
             pending.append(step)
         self._last_step = t
         return t
+
+
+def _run_to_end(program) -> None:
+    """Run a generator ``apply`` on an engine that executes its maps at once."""
+    if program is None:  # a plain apply has run already
+        return
+    value = None
+    try:
+        while True:
+            value = program.send(value)
+            if isinstance(value, fused_cpu.Pending):  # an engine batching sums: not expected
+                raise RuntimeError("a map's sums were deferred outside a lockstep step")
+    except StopIteration:
+        pass
 
 
 def _addresses(value) -> tuple[int, ...]:

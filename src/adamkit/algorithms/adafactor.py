@@ -145,21 +145,23 @@ class Adafactor(Optimizer):
             s = s._replace(eps1=torch.finfo(p.dtype).eps)
         s = s._replace(factored="variance" not in slots,
                        max_rsqrt=1 / s.eps1 if s.eps1 > 0 else math.inf)
+        # a generator: each yield waits for the sums or for the maps before it to have run
+        # (see Optimizer.apply)
         n = p.numel()
-        (p_sq,) = engine.map(_square, s, [p], [], n_sums=1)
+        (p_sq,) = yield engine.map(_square, s, [p], [], n_sums=1)
         alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
         if "variance" in slots:
             variance = slots["variance"]
-            engine.map(_ema_of_square, s, [variance, g], [variance])
+            yield engine.map(_ema_of_square, s, [variance, g], [variance])
             a, b = variance, 1.0
         else:
             row, col = slots["row_var"], slots["col_var"]
             row_mean, col_mean = engine.mean_sq_last_dims(g)
             engine.map(_ema, s, [row, row_mean], [row])
-            engine.map(_ema, s, [col, col_mean], [col])
+            yield engine.map(_ema, s, [col, col_mean], [col])
             norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
             compute = compute_dtype(p.dtype)
             a, b = row.to(compute).rsqrt(), (col.to(compute) / norm.to(compute)).rsqrt()
-        (u_sq,) = engine.map(_update_sq, s, [g, a, b], [], n_sums=1)
+        (u_sq,) = yield engine.map(_update_sq, s, [g, a, b], [], n_sums=1)
         s = s._replace(step_size=alpha / max(1.0, math.sqrt(u_sq / n) / s.d))
         engine.map(_apply_update, s, [p, g, a, b], [p])

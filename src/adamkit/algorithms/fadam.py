@@ -112,11 +112,12 @@ class FAdam(Optimizer):
         )
 
     def apply(self, engine, s: FAdamScalars, p, g, slots):
+        # a generator: each yield waits for the sums (see Optimizer.apply)
         n = p.numel()
         fim, exp_avg = slots["fim"], slots["exp_avg"]
-        (g_sq,) = engine.map(_square, s, [g], [], n_sums=1)
+        (g_sq,) = yield engine.map(_square, s, [g], [], n_sums=1)
         s = s._replace(eps_t=s.eps * min(1.0, math.sqrt(g_sq / n)))
-        g_bar_sq, w_sq = engine.map(_fisher_pass, s, [p, g, fim], [fim], n_sums=2)
+        g_bar_sq, w_sq = yield engine.map(_fisher_pass, s, [p, g, fim], [fim], n_sums=2)
         s = s._replace(
             grad_scale=s.clip / max(1.0, math.sqrt(g_bar_sq / n)),
             weight_scale=s.clip / max(1.0, math.sqrt(w_sq / n)),

@@ -141,7 +141,7 @@ def bytes_per_param(name: str, state_dtype: str | None, kwargs: dict | None = No
             state[slot] = opt.new_slot(group, p, slot)
         slots[slot] = state[slot]
     with torch.no_grad():
-        opt.apply(engine, s, p.detach(), p.grad, slots)
+        opt.apply_now(engine, s, p.detach(), p.grad, slots)
     return engine.bytes / p.numel()
 
 

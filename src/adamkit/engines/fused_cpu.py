@@ -23,8 +23,10 @@ outcomes). Fields of ``s`` are runtime values, except the rule's decisions that 
 alone (``if s.amsgrad:``, the exponent of ``fim ** s.power``): each combination of their
 outcomes gets its own kernel with only the taken branch, so the element loop has no branch on a
 scalar and vectorizes (see :class:`_UniformPoints`). A step's single-pass maps run as one
-multi-tensor launch (:class:`KernelBatch`); per-tensor kernels below ``SERIAL_BELOW`` elements
-run on the calling thread. Kernels are written as
+multi-tensor launch (:class:`KernelBatch`), and so does each pass of a multi-pass rule (FAdam,
+Adafactor: their generator ``apply`` advances in lockstep over the tensors, and a pass's sums
+come back per tensor); maps that broadcast (Adafactor's factored update) run per tensor, those
+below ``SERIAL_BELOW`` elements on the calling thread. Kernels are written as
 Python modules into the kernel cache directory and compiled with ``cache=True``, so a later
 process loads machine code instead of compiling: ``$ADAMKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/adamkit/kernels``, else ``~/.cache/adamkit/kernels``. File names carry a hash of
@@ -535,8 +537,9 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
     multi = layout in ("mflat", "mblock")
     if multi:
         # one launch for many tensors: per-tensor scalars, sizes, seeds and operand addresses
-        # in tables; the iteration space is every tensor's chunks of CHUNK elements
-        args = ["svs", "ns", "starts", "seeds", "sr_b16", "sr_q8"]
+        # in tables; the iteration space is every tensor's chunks of CHUNK elements. Sums are
+        # written per chunk (``part``, one row per chunk) and added up per tensor by the caller.
+        args = ["svs", "ns", "starts", "seeds", "sr_b16", "sr_q8"] + (["part"] if n_sums else [])
     else:
         args = ["sv", "n", "seed", "sr_b16", "sr_q8"]
     if layout == "bcast":
@@ -625,6 +628,11 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
                          f"buf{j}[k], sc{j}, iv{j}, {bits})")
         return lines
 
+    def finish_sum(q: int) -> str:
+        """Where a work item's sum goes: its chunk's row of ``part`` (multi-tensor kernels) or
+        the kernel's float64 reduction."""
+        return f"part[c, {q}] = np.float64(lacc{q})" if multi else f"acc{q} += np.float64(lacc{q})"
+
     def block_group(first_block: str) -> list[str]:
         """One parallel work item of the blockwise layouts: GROUP blocks from ``first_block``
         (``nblk`` blocks in all). The element loop writes each 8-bit state's new values to a
@@ -654,7 +662,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             lines += encode_loop(True)
             lines.append("            else:")
             lines += encode_loop(False)
-        lines += [f"        acc{q} += np.float64(lacc{q})" for q in range(n_sums)]
+        lines += [f"        {finish_sum(q)}" for q in range(n_sums)]
         return lines
     out = [f"@numba.njit(parallel={parallel}, cache=True, error_model=\"numpy\", nogil=True)",
            f"def kernel({', '.join(args)}):"]
@@ -662,8 +670,6 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         out.append(f"    s = _S({fields_src})")
     out += [f"    acc{q} = 0.0" for q in range(n_sums)]
     if multi:
-        if n_sums:
-            raise KernelUnsupported("multi-tensor kernels do not reduce")
         pointer = {"f32": "_ptr_f32", "f64": "_ptr_f64", "b16": "_ptr_i16", "q8s": "_ptr_i8",
                    "q8u": "_ptr_u8"}
         out.append("    for c in numba.prange(starts[-1]):")
@@ -683,9 +689,11 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             elif kind == "num":
                 out.append(f"        c{j} = cs{j}[t]")
         if layout == "mflat":
+            out += [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
             out.append("        for i0 in range(first, min(first + CHUNK, n)):")
             out.append("            i = np.uint64(i0)")
             out.append(body(12, "i"))
+            out += [f"        {finish_sum(q)}" for q in range(n_sums)]
         else:  # CHUNK = GROUP blocks: a chunk is one group of the tensor's blocks
             out.append(f"        nblk = (n + {BLOCK - 1}) // {BLOCK}")
             out += block_group(f"first // {BLOCK}")
@@ -906,6 +914,24 @@ def _collapse_strides(t: Tensor, shape: torch.Size) -> tuple[int, int, int] | No
     return (batch_stride or 0, strides[-2], strides[-1])
 
 
+class Pending:
+    """The sums of a map deferred to a :class:`KernelBatch`; ``value`` is set by ``flush()``.
+
+    A generator ``apply`` receives it by yielding the map (``(a, b) = yield engine.map(...)``);
+    the optimizer flushes the batch once every tensor has reached its ``yield`` and sends the
+    sums back."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = None
+
+    def __iter__(self):
+        raise TypeError("the sums of a batched map are known only after the step's other "
+                        "tensors reach the same pass: yield the map in a generator apply, "
+                        "as in `(total,) = yield engine.map(...)`")
+
+
 class KernelBatch:
     """Maps deferred by :class:`FusedEngine` until ``flush()``, grouped by kernel.
 
@@ -914,7 +940,9 @@ class KernelBatch:
     microseconds, as long as updating a 100k-element tensor). Batched, those costs are paid once
     per kernel: the multi-tensor kernel takes tables of per-tensor scalars, sizes, seeds and
     operand addresses, and its parallel loop runs over every tensor's chunks of ``CHUNK``
-    elements, so small and large tensors share the threads.
+    elements, so small and large tensors share the threads. Maps with sums get per-tensor
+    totals (per-chunk partial sums, added up per tensor in chunk order) in their
+    :class:`Pending`.
     """
 
     def __init__(self):
@@ -925,9 +953,10 @@ class KernelBatch:
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._groups.values())
 
-    def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep) -> None:
+    def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep,
+            sums: Pending | None = None) -> None:
         # ``keep`` holds the operand tensors so their memory outlives the addresses
-        self._groups.setdefault(spec, []).append((values, n, seed, operands, keep))
+        self._groups.setdefault(spec, []).append((values, n, seed, operands, keep, sums))
         self.last = (spec, n, operands)
 
     def repeat(self, last: tuple, s, seed: int, grad_address: int, keep) -> None:
@@ -949,10 +978,10 @@ class KernelBatch:
         groups, self._groups = self._groups, {}
         for spec, entries in groups.items():
             (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
-             outcomes) = spec
+             n_sums, outcomes) = spec
             key = ("multi",) + spec
             kernel = _KERNELS.get(key) or _load_kernel(
-                key, fn, fields, kinds, stores, 0, n_results,
+                key, fn, fields, kinds, stores, n_sums, n_results,
                 "float64" if dtype == torch.float64 else "float32", layout, negated,
                 outcomes=outcomes)
             if fields:
@@ -964,6 +993,9 @@ class KernelBatch:
             np.cumsum((ns + (CHUNK - 1)) // CHUNK, out=starts[1:])
             seeds = np.array([e[2] for e in entries], dtype=np.int64)
             args = [svs, ns, starts, seeds, sr_b16, sr_q8]
+            if n_sums:
+                part = np.zeros((int(starts[-1]), n_sums), dtype=np.float64)
+                args.append(part)
             for j, kind in enumerate(kinds):
                 if kind == "none":
                     continue
@@ -977,6 +1009,10 @@ class KernelBatch:
                     kernel(*args)
             else:
                 kernel(*args)
+            if n_sums:  # every tensor has at least one chunk (empty maps are not batched)
+                totals = np.add.reduceat(part, starts[:-1], axis=0).tolist()
+                for entry, total in zip(entries, totals):
+                    entry[5].value = total
 
 
 class FusedEngine:
@@ -989,20 +1025,23 @@ class FusedEngine:
             operand; this is how ``maximize=True`` costs no extra pass.
         seed: seeds stochastic rounding (bfloat16 parameters with ``stochastic_bf16``, 8-bit
             state with ``stochastic_int8``).
-        batch: a :class:`KernelBatch` that collects single-pass maps without reductions instead
-            of running them; ``batch.flush()`` then runs all of them, one launch per kernel. The
+        batch: a :class:`KernelBatch` that collects maps over same-shaped operands instead of
+            running them; ``batch.flush()`` then runs all of them, one launch per kernel. The
             tensors must not be touched in between (the optimizer flushes at the end of
-            ``step()``).
+            ``step()``, and for a generator ``apply`` at each ``yield``).
+        batch_sums: whether maps with sums are batched too; ``map`` then returns a
+            :class:`Pending` for them, to be yielded (only for generator ``apply``).
     """
 
     name = "fused"
 
     def __init__(self, dtype: torch.dtype, negate: Tensor | None = None, seed: int = 0,
                  stochastic_bf16: bool = False, stochastic_int8: bool = False,
-                 batch: "KernelBatch | None" = None):
+                 batch: "KernelBatch | None" = None, batch_sums: bool = False):
         if not available():
             raise RuntimeError(f"the fused engine needs numba: {unavailable_reason()}")
         self.batch = batch
+        self.batch_sums = batch_sums
         self.param_dtype = dtype
         self.dtype = compute_dtype(dtype)
         self.negate = negate
@@ -1084,7 +1123,8 @@ class FusedEngine:
         # the rule's scalar-only branches and exponents, resolved per kernel (the tensors of a
         # param group share their scalars, so the outcomes are looked up, not re-evaluated)
         outcomes = rule_outcomes(fn, s, self.dtype)
-        if self.batch is not None and n_sums == 0 and layout in ("flat", "block"):
+        if self.batch is not None and layout in ("flat", "block") and (
+                n_sums == 0 or self.batch_sums):
             operands = []
             for t, kind in zip(ins, kinds):
                 if kind in _FLOAT_ARRAYS:
@@ -1097,9 +1137,10 @@ class FusedEngine:
                     operands.append((0, 0.0))
             spec = (fn, tuple(kinds), tuple(stores), n_results, self.dtype,
                     "mflat" if layout == "flat" else "mblock", fields,
-                    self.stochastic_bf16, self.stochastic_int8, negated, outcomes)
-            self.batch.add(spec, tuple(s), n, self.seed, operands, ins)
-            return []
+                    self.stochastic_bf16, self.stochastic_int8, negated, n_sums, outcomes)
+            sums = Pending() if n_sums else None
+            self.batch.add(spec, tuple(s), n, self.seed, operands, ins, sums)
+            return sums if n_sums else []
         # a small tensor runs on the calling thread: waking the thread pool costs more
         parallel = n >= SERIAL_BELOW
         strides = {}
