@@ -30,7 +30,7 @@ def test_parameter_sets():
     ("sgd", {"momentum": 0.9}, None, 20.0),
     ("sgd", {}, None, 12.0),
     ("adamod", {}, None, 36.0),
-    ("fadam", {}, None, 44.0),  # three passes: g; p, g, f -> f; p, g, f, m -> p, m
+    ("fadam", {}, None, 44.0),  # three passes: g; p, g, f (sums); p, g, f, m -> p, f, m
 ])
 def test_bytes_per_param_follow_the_algorithm(name, kwargs, state_dtype, expected):
     assert speed.bytes_per_param(name, state_dtype, kwargs) == pytest.approx(expected)

@@ -8,7 +8,7 @@ codes) are decoded on load and encoded on store inside the same loop.
 
 How a kernel is made from a rule
 --------------------------------
-The rule (``Adam.update``, FAdam's ``_fisher_pass``, ...) is compiled from its own source, which
+The rule (``Adam.update``, FAdam's ``_update_pass``, ...) is compiled from its own source, which
 is copied into a generated kernel module with one mechanical change: wherever an element value
 meets a Python scalar (a field of ``s`` or a literal) the scalar is rounded to the element's
 compute type first (``_E(...)``). That is exactly torch's rule for ``tensor op python_scalar``
