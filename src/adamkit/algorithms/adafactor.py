@@ -23,7 +23,6 @@ class AdafactorScalars(NamedTuple):
     d: float
     weight_decay: float
     step_size: float  # alpha / max(1, RMS(U) / d), set after the second pass
-    factored: bool  # the tensor keeps row and column factors (>= 2-D)
     max_rsqrt: float  # 1 / eps1 (inf for eps1 = 0)
 
 
@@ -40,14 +39,10 @@ def _ema_of_square(s: AdafactorScalars, average, g):
 
 
 def _scaled_update(s: AdafactorScalars, g, a, b):
-    # U = g / max(sqrt(V), eps1).
-    # Factored, V = row * col / norm: a = 1/sqrt(row) per row and b = 1/sqrt(col / norm) per
-    # column (computed once per step on the small factors), and
+    # U = g / max(sqrt(V), eps1) with V = row * col / norm: a = 1/sqrt(row) per row and
+    # b = 1/sqrt(col / norm) per column (computed once per step on the small factors), and
     # 1/max(sqrt(V), eps1) = min(a * b, 1/eps1): no division or square root per element.
-    # Unfactored, a = V itself (b is unused).
-    if s.factored:
-        return g * minimum(a * b, s.max_rsqrt)
-    return g / sqrt(maximum(a, s.eps1 * s.eps1))
+    return g * minimum(a * b, s.max_rsqrt)
 
 
 def _update_sq(s: AdafactorScalars, g, a, b):
@@ -57,6 +52,26 @@ def _update_sq(s: AdafactorScalars, g, a, b):
 
 def _apply_update(s: AdafactorScalars, p, g, a, b):
     return p * (1 - s.lr * s.weight_decay) - s.step_size * _scaled_update(s, g, a, b)
+
+
+# Unfactored tensors: the new V is computed in the sum pass and again in the update pass, which
+# stores it, so that the update uses it unrounded even when V is kept in 8 bits (and V is read
+# twice and written once instead of having a pass of its own).
+
+
+def _unfactored_update(s: AdafactorScalars, g, variance):
+    return g / sqrt(maximum(_ema_of_square(s, variance, g), s.eps1 * s.eps1))
+
+
+def _unfactored_sq(s: AdafactorScalars, g, variance):
+    u = _unfactored_update(s, g, variance)
+    return u * u
+
+
+def _unfactored_apply(s: AdafactorScalars, p, g, variance):
+    u = _unfactored_update(s, g, variance)
+    return (p * (1 - s.lr * s.weight_decay) - s.step_size * u,
+            _ema_of_square(s, variance, g))
 
 
 def _eps_pair(name, value):
@@ -136,15 +151,13 @@ class Adafactor(Optimizer):
         return AdafactorScalars(
             lr=lr, one_minus_beta2=t ** group["beta2_decay"], rho=min(lr, 1 / t**0.5),
             eps1=math.nan if eps1 is None else eps1, eps2=eps2, d=group["d"],
-            weight_decay=group["weight_decay"], step_size=math.nan, factored=False,
-            max_rsqrt=math.nan,
+            weight_decay=group["weight_decay"], step_size=math.nan, max_rsqrt=math.nan,
         )
 
     def apply(self, engine, s: AdafactorScalars, p, g, slots):
         if math.isnan(s.eps1):
             s = s._replace(eps1=torch.finfo(p.dtype).eps)
-        s = s._replace(factored="variance" not in slots,
-                       max_rsqrt=1 / s.eps1 if s.eps1 > 0 else math.inf)
+        s = s._replace(max_rsqrt=1 / s.eps1 if s.eps1 > 0 else math.inf)
         # a generator: each yield waits for the sums or for the maps before it to have run
         # (see Optimizer.apply)
         n = p.numel()
@@ -152,16 +165,17 @@ class Adafactor(Optimizer):
         alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
         if "variance" in slots:
             variance = slots["variance"]
-            yield engine.map(_ema_of_square, s, [variance, g], [variance])
-            a, b = variance, 1.0
-        else:
-            row, col = slots["row_var"], slots["col_var"]
-            row_mean, col_mean = engine.mean_sq_last_dims(g)
-            engine.map(_ema, s, [row, row_mean], [row])
-            yield engine.map(_ema, s, [col, col_mean], [col])
-            norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
-            compute = compute_dtype(p.dtype)
-            a, b = row.to(compute).rsqrt(), (col.to(compute) / norm.to(compute)).rsqrt()
+            (u_sq,) = yield engine.map(_unfactored_sq, s, [g, variance], [], n_sums=1)
+            s = s._replace(step_size=alpha / max(1.0, math.sqrt(u_sq / n) / s.d))
+            engine.map(_unfactored_apply, s, [p, g, variance], [p, variance])
+            return
+        row, col = slots["row_var"], slots["col_var"]
+        row_mean, col_mean = engine.mean_sq_last_dims(g)
+        engine.map(_ema, s, [row, row_mean], [row])
+        yield engine.map(_ema, s, [col, col_mean], [col])
+        norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
+        compute = compute_dtype(p.dtype)
+        a, b = row.to(compute).rsqrt(), (col.to(compute) / norm.to(compute)).rsqrt()
         (u_sq,) = yield engine.map(_update_sq, s, [g, a, b], [], n_sums=1)
         s = s._replace(step_size=alpha / max(1.0, math.sqrt(u_sq / n) / s.d))
         engine.map(_apply_update, s, [p, g, a, b], [p])
