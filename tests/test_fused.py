@@ -541,3 +541,29 @@ def test_a_sum_needed_without_yield_is_an_error():
     p.grad = torch.ones(10)
     with pytest.raises(TypeError, match=r"yield the map in a generator apply"):
         Forgetful([p], backend="fused").step()
+
+
+def test_broadcast_shapes_and_strides_match_torch():
+    """The bcast layout's shape and stride helpers (plain Python, per map) against
+    torch.broadcast_shapes and Tensor.expand, including size-0 and size-1 dimensions and shapes
+    that do not broadcast."""
+    cases = [[(4, 1), (1, 5)], [(3, 4, 5), (4, 1)], [(2, 1, 3), (5, 3)], [(0, 1), (1, 7)],
+             [(1,), (0,)], [(6,), (2, 3, 6), (3, 1)], [()], [(4, 3), (3, 4)], [(0,), (5,)],
+             [(2, 3), (2, 3)]]
+    for shapes in cases:
+        try:
+            expected = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            expected = None
+        assert fused_cpu._broadcast_shape([torch.Size(s) for s in shapes]) == expected, shapes
+        if expected is None:
+            continue
+        for s in shapes:
+            t = torch.zeros(s)
+            got = fused_cpu._collapse_strides(t, expected)
+            e = t.expand(expected)
+            # collapse torch's own expanded view the same way and compare
+            assert got == fused_cpu._collapse_strides(e, expected), (s, expected)
+    # strides from a transposed operand keep their values
+    t = torch.zeros(5, 4).t()
+    assert fused_cpu._collapse_strides(t, (4, 5)) == (0, 1, 4)

@@ -890,11 +890,29 @@ def _numpy(t: Tensor):
     return t.reshape(-1).numpy()
 
 
+def _broadcast_shape(shapes) -> tuple | None:
+    """``torch.broadcast_shapes(*shapes)`` as a tuple, None where they do not broadcast (torch's
+    own is written in Python with checks for symbolic shapes: ~20 us a call)."""
+    out = [1] * max(len(sh) for sh in shapes)
+    for sh in shapes:
+        offset = len(out) - len(sh)
+        for i, size in enumerate(sh):
+            current = out[offset + i]
+            if size != current:
+                if current == 1:
+                    out[offset + i] = size
+                elif size != 1:
+                    return None
+    return tuple(out)
+
+
 def _collapse_strides(t: Tensor, shape: torch.Size) -> tuple[int, int, int] | None:
     """(batch, row, column) element strides of ``t`` broadcast to ``shape`` (None if the
     leading dimensions cannot be merged)."""
-    e = t.expand(shape)
-    strides = list(e.stride())
+    # the strides of t.expand(shape), without making the view (this runs per tensor and map)
+    offset = len(shape) - t.dim()
+    strides = [0] * offset + [stride if size == full else 0 for size, stride, full in
+                              zip(t.shape, t.stride(), shape[offset:])]
     sizes = list(shape)
     while len(sizes) < 3:
         sizes.insert(0, 1)
@@ -1090,9 +1108,8 @@ class FusedEngine:
         layout = "flat"
         for sh in shapes:
             if sh != shape:
-                try:
-                    shape = torch.broadcast_shapes(*shapes)
-                except RuntimeError:
+                shape = _broadcast_shape(shapes)
+                if shape is None:
                     return self._fallback(fn, s, ins, outs, n_sums)
                 layout = "bcast"
                 break
