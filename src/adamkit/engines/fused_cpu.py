@@ -49,6 +49,7 @@ import importlib.util
 import inspect
 import math
 import os
+import re
 import sys
 import tempfile
 import textwrap
@@ -393,6 +394,10 @@ class _RuleProgram:
             node, elements = functions[fname]
             _UniformPoints(elements, self.points).visit(node)  # annotates, changes nothing
         body = ", ".join(f"({expr})" for _, expr in self.points)
+        # the fields of s the outcomes depend on (all of s if it is used otherwise): the memo
+        # key, so that scalars set per tensor (FAdam's clip factors) do not defeat the memo
+        self.fields = None if re.search(r"\bs\b(?!\.)", body) else tuple(
+            sorted(set(re.findall(r"\bs\.(\w+)", body))))
         namespace = {"math": math, "abs": abs, "min": min, "max": max}
         exec(f"def _evaluate(s, _E):\n    return ({body}{',' if self.points else ''})\n",
              namespace)
@@ -454,7 +459,8 @@ def rule_outcomes(fn: Callable, s, dtype: torch.dtype) -> tuple:
     program = _PROGRAMS.get(fn) or _rule_program(fn)
     if not program.points:
         return ()
-    memo = (fn, s, dtype)
+    memo = (fn, s if program.fields is None else tuple(getattr(s, f) for f in program.fields),
+            dtype)
     try:
         outcomes = _OUTCOMES.get(memo)
     except TypeError:  # an unhashable scalar: evaluate every time
