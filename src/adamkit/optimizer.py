@@ -543,7 +543,7 @@ def _addresses(value) -> tuple[int, ...]:
 
 class _Plan:
     """A parameter's last fused, batched step, kept to repeat it cheaply (small models have
-    hundreds of tensors, and the full path costs ~25 us of Python for each).
+    hundreds of tensors, and the full path cost ~16 us of Python for each).
 
     :meth:`record` keeps the map that the full path added to the step's KernelBatch, with what
     it depended on: the parameter's address, dtype and shape, its state objects and their
