@@ -204,8 +204,9 @@ def test_parameters_move():
 
 
 def test_bfloat16_parameters_match_reference():
-    """bfloat16 parameters: float32 arithmetic, rounded to nearest-even on both engines."""
-    for name in ("adamw", "lion", "rmsprop"):
+    """bfloat16 parameters: float32 arithmetic, rounded to nearest-even on both engines
+    (FAdam and Adafactor: their passes batched over the tensors, with per-tensor sums)."""
+    for name in ("adamw", "lion", "rmsprop", "fadam", "adafactor"):
         ref, ref_opt = _run(name, {}, torch.bfloat16, "reference")
         fused, opt = _run(name, {}, torch.bfloat16, "auto")
         for p, q in zip(fused, ref):
