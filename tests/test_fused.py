@@ -340,26 +340,38 @@ def test_one_launch_for_all_tensors_equals_one_launch_per_tensor(
 
 def test_any_nonfinite_over_many_tensors():
     """The one-pass NaN/Inf check behind on_nonfinite='skip'/'raise', against torch.isfinite,
-    with one bad value at a time in each tensor, at chunk edges and in every dtype."""
+    with one bad value at a time in each tensor and every dtype: at the edges of the check's
+    work items and of the four streams each reads (quarters, and the tail a quarter leaves)."""
     gen = torch.Generator().manual_seed(0)
+    chunk = fused_cpu.CHECK_CHUNK
     tensors = [torch.randn(n, generator=gen).to(dtype)
-               for n, dtype in [(0, torch.float32), (1, torch.float32), (fused_cpu.CHUNK + 3,
-                                torch.float32), (5000, torch.float64), (777, torch.bfloat16),
-                                (2 * fused_cpu.CHUNK, torch.bfloat16)]]
+               for n, dtype in [(0, torch.float32), (1, torch.float32), (2 * chunk + 1027,
+                                torch.float32), (5000, torch.float64), (7, torch.bfloat16),
+                                (chunk + 6, torch.bfloat16)]]
     tensors[2][7] = 3.0e38  # huge but finite: x * 0 is still 0
     tensors[5][5] = 3.0e38  # finite in bfloat16 too (its largest exponent is below all ones)
     assert fused_cpu.any_nonfinite(tensors) is False
-    spots = [(1, 0, float("nan")), (2, fused_cpu.CHUNK, float("inf")),
-             (2, fused_cpu.CHUNK + 2, -float("inf")), (2, fused_cpu.CHUNK - 1, float("nan")),
-             (3, 4999, float("nan")), (3, 0, -float("inf")), (4, 0, float("inf")),
-             (4, 776, -float("nan")), (5, 2 * fused_cpu.CHUNK - 1, float("nan")),
-             (5, 6, -float("inf"))]
-    for i, k, value in spots:
-        old = tensors[i][k].clone()
-        tensors[i][k] = value
-        assert not bool(torch.isfinite(tensors[i]).all())
-        assert fused_cpu.any_nonfinite(tensors) is True, (i, k, value)
-        tensors[i][k] = old
+
+    def edges(n):
+        out = set()
+        for lo in range(0, n, chunk):
+            length = min(chunk, n - lo)
+            q = length // 4
+            out |= {lo, lo + q - 1, lo + q, lo + 2 * q, lo + 3 * q, lo + 4 * q - 1, lo + 4 * q,
+                    lo + length - 1}
+        return sorted(k for k in out if 0 <= k < n)
+
+    bad = [float("nan"), float("inf"), -float("inf"), -float("nan")]
+    checked = 0
+    for i, t in enumerate(tensors):
+        for j, k in enumerate(edges(t.numel())):
+            old = t[k].clone()
+            t[k] = bad[(i + j) % 4]
+            assert not bool(torch.isfinite(t).all())
+            assert fused_cpu.any_nonfinite(tensors) is True, (i, k, t[k])
+            t[k] = old
+            checked += 1
+    assert checked > 30
     assert fused_cpu.any_nonfinite(tensors) is False
 
 

@@ -150,6 +150,11 @@ def unsupported_reason(t: Tensor) -> str | None:
     return None
 
 
+#: elements per work item of the NaN/Inf check, read as four streams of 64K (16K-element
+#: work items measured no faster with four streams than with one)
+CHECK_CHUNK = 1 << 18
+
+
 def any_nonfinite(tensors: Sequence[Tensor]) -> bool:
     """Whether any of the given contiguous CPU float tensors holds a NaN or Inf, read in one
     multithreaded pass over all of them (one launch per dtype)."""
@@ -164,11 +169,11 @@ def any_nonfinite(tensors: Sequence[Tensor]) -> bool:
     for dtype, group in by_dtype.items():
         ns = np.array([t.numel() for t in group], dtype=np.int64)
         starts = np.zeros(len(group) + 1, dtype=np.int64)
-        np.cumsum((ns + (CHUNK - 1)) // CHUNK, out=starts[1:])
+        np.cumsum((ns + (CHECK_CHUNK - 1)) // CHECK_CHUNK, out=starts[1:])
         addresses = np.array([t.data_ptr() for t in group], dtype=np.uint64)
         element = {torch.float32: np.float32, torch.float64: np.float64,
                    torch.bfloat16: np.int16}[dtype]
-        args = (addresses, ns, starts, CHUNK, element)
+        args = (addresses, ns, starts, CHECK_CHUNK, element)
         if _serialize_calls():
             with _lock:
                 bad = numba_ops.chunks_nonfinite(*args)

@@ -504,21 +504,43 @@ def _nonfinite_in(a, lo, hi):
     # Loops that vectorize and stream at the read bandwidth. Floats: x * 0 is +-0 for finite x
     # and NaN for NaN and +-Inf, so a (reassociable) sum of them is nonzero exactly when one
     # is not finite. int16 elements are bfloat16 bits, non-finite when the exponent is all
-    # ones: the largest masked exponent tells.
+    # ones: the largest masked exponent tells. The range is read as four interleaved streams
+    # (quarters read side by side): one core keeps more reads in flight that way, measured
+    # 11-13% faster than one stream over 124M float32 (torch's sum reads at the one-stream rate).
     if isinstance(a.dtype, types.Integer):
         def impl(a, lo, hi):
-            top = np.uint32(0)
-            for i0 in range(lo, hi):
-                top = u32_max(top, u32_and(a[np.uint64(i0)], 0x7F80))
-            return top == np.uint32(0x7F80)
+            q = (hi - lo) // 4
+            t0 = np.uint32(0)
+            t1 = np.uint32(0)
+            t2 = np.uint32(0)
+            t3 = np.uint32(0)
+            for i0 in range(lo, lo + q):
+                i = np.uint64(i0)
+                t0 = u32_max(t0, u32_and(a[i], 0x7F80))
+                t1 = u32_max(t1, u32_and(a[i + np.uint64(q)], 0x7F80))
+                t2 = u32_max(t2, u32_and(a[i + np.uint64(2 * q)], 0x7F80))
+                t3 = u32_max(t3, u32_and(a[i + np.uint64(3 * q)], 0x7F80))
+            for i0 in range(lo + 4 * q, hi):
+                t0 = u32_max(t0, u32_and(a[np.uint64(i0)], 0x7F80))
+            return u32_max(u32_max(t0, t1), u32_max(t2, t3)) == np.uint32(0x7F80)
     else:
         zero = a.dtype(0)
 
         def impl(a, lo, hi):
-            acc = zero
-            for i0 in range(lo, hi):
-                acc = add_reassoc(acc, a[np.uint64(i0)] * zero)
-            return acc != zero
+            q = (hi - lo) // 4
+            s0 = zero
+            s1 = zero
+            s2 = zero
+            s3 = zero
+            for i0 in range(lo, lo + q):
+                i = np.uint64(i0)
+                s0 = add_reassoc(s0, a[i] * zero)
+                s1 = add_reassoc(s1, a[i + np.uint64(q)] * zero)
+                s2 = add_reassoc(s2, a[i + np.uint64(2 * q)] * zero)
+                s3 = add_reassoc(s3, a[i + np.uint64(3 * q)] * zero)
+            for i0 in range(lo + 4 * q, hi):
+                s0 = add_reassoc(s0, a[np.uint64(i0)] * zero)
+            return (s0 + s1) + (s2 + s3) != zero
     return impl
 
 
