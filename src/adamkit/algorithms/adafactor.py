@@ -173,6 +173,9 @@ class Adafactor(Optimizer):
         row_mean, col_mean = engine.mean_sq_last_dims(g)
         engine.map(_ema, s, [row, row_mean], [row])
         yield engine.map(_ema, s, [col, col_mean], [col])
+        # every tensor's program is suspended at its yields together (lockstep): drop what is
+        # no longer needed so that the temporaries of all tensors do not pile up
+        del row_mean, col_mean
         norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
         compute = compute_dtype(p.dtype)
         a, b = row.to(compute).rsqrt(), (col.to(compute) / norm.to(compute)).rsqrt()
