@@ -22,12 +22,8 @@ class AdafactorScalars(NamedTuple):
     eps2: float
     d: float
     weight_decay: float
-    step_size: float  # alpha / max(1, RMS(U) / d), set after the second pass
+    step_size: float  # alpha / max(1, RMS(U) / d), set after the pass that sums U^2 and p^2
     max_rsqrt: float  # 1 / eps1 (inf for eps1 = 0)
-
-
-def _square(s, x):
-    return x * x
 
 
 def _ema(s: AdafactorScalars, average, new):
@@ -45,9 +41,10 @@ def _scaled_update(s: AdafactorScalars, g, a, b):
     return g * minimum(a * b, s.max_rsqrt)
 
 
-def _update_sq(s: AdafactorScalars, g, a, b):
+def _update_sq(s: AdafactorScalars, p, g, a, b):
+    # sums for RMS(U) and RMS(p) (the step size's), in one pass over g and p
     u = _scaled_update(s, g, a, b)
-    return u * u
+    return u * u, p * p
 
 
 def _apply_update(s: AdafactorScalars, p, g, a, b):
@@ -63,15 +60,21 @@ def _unfactored_update(s: AdafactorScalars, g, variance):
     return g / sqrt(maximum(_ema_of_square(s, variance, g), s.eps1 * s.eps1))
 
 
-def _unfactored_sq(s: AdafactorScalars, g, variance):
+def _unfactored_sq(s: AdafactorScalars, p, g, variance):
     u = _unfactored_update(s, g, variance)
-    return u * u
+    return u * u, p * p
 
 
 def _unfactored_apply(s: AdafactorScalars, p, g, variance):
     u = _unfactored_update(s, g, variance)
     return (p * (1 - s.lr * s.weight_decay) - s.step_size * u,
             _ema_of_square(s, variance, g))
+
+
+def _step_size(s: AdafactorScalars, u_sq: float, p_sq: float, n: int) -> float:
+    """alpha_t / max(1, RMS(U) / d) with alpha_t = max(eps2, RMS(p)) rho_t."""
+    alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
+    return alpha / max(1.0, math.sqrt(u_sq / n) / s.d)
 
 
 def _eps_pair(name, value):
@@ -161,12 +164,10 @@ class Adafactor(Optimizer):
         # a generator: each yield waits for the sums or for the maps before it to have run
         # (see Optimizer.apply)
         n = p.numel()
-        (p_sq,) = yield engine.map(_square, s, [p], [], n_sums=1)
-        alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
         if "variance" in slots:
             variance = slots["variance"]
-            (u_sq,) = yield engine.map(_unfactored_sq, s, [g, variance], [], n_sums=1)
-            s = s._replace(step_size=alpha / max(1.0, math.sqrt(u_sq / n) / s.d))
+            u_sq, p_sq = yield engine.map(_unfactored_sq, s, [p, g, variance], [], n_sums=2)
+            s = s._replace(step_size=_step_size(s, u_sq, p_sq, n))
             engine.map(_unfactored_apply, s, [p, g, variance], [p, variance])
             return
         row, col = slots["row_var"], slots["col_var"]
@@ -179,6 +180,6 @@ class Adafactor(Optimizer):
         norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
         compute = compute_dtype(p.dtype)
         a, b = row.to(compute).rsqrt(), (col.to(compute) / norm.to(compute)).rsqrt()
-        (u_sq,) = yield engine.map(_update_sq, s, [g, a, b], [], n_sums=1)
-        s = s._replace(step_size=alpha / max(1.0, math.sqrt(u_sq / n) / s.d))
+        u_sq, p_sq = yield engine.map(_update_sq, s, [p, g, a, b], [], n_sums=2)
+        s = s._replace(step_size=_step_size(s, u_sq, p_sq, n))
         engine.map(_apply_update, s, [p, g, a, b], [p])
