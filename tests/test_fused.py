@@ -180,7 +180,7 @@ def test_adafactor_conv_shapes_match_reference(dtype, tol):
 
 
 @pytest.mark.parametrize("shape", [(3, 3), (4096, 3, 3), (2, 1, 1), (300, 2, 5), (4, 7),
-                                   (5000, 7), (2, 300, 200), (1, 70000)])
+                                   (5000, 7), (2, 300, 200), (1, 70000), (50, 9, 11)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)],
                          ids=["float64", "float32"])
 def test_mean_sq_last_dims_matches_reference(shape, dtype, tol):
@@ -192,6 +192,44 @@ def test_mean_sq_last_dims_matches_reference(shape, dtype, tol):
     assert rows.shape == shape[:-1] + (1,) and cols.shape == shape[:-2] + (1, shape[-1])
     assert _rel(rows, sq.mean(dim=-1, keepdim=True)) <= tol
     assert _rel(cols, sq.mean(dim=-2, keepdim=True)) <= tol
+
+
+@pytest.mark.parametrize("shape,others", [
+    # small matrices (sizes and strides compiled in): factors per row, per column, per matrix,
+    # shared by all matrices, and lower-rank operands
+    ((3000, 3, 3), [(3000, 3, 1), (3000, 1, 3), (3000, 1, 1), (1, 3, 3), (3, 1), (3,), (1,)]),
+    ((5, 4, 2, 7), [(5, 4, 2, 1), (1, 1, 2, 7), (5, 4, 1, 7), (7,)]),
+    ((40, 1, 1), [(40, 1, 1), (1, 1)]),
+    # larger matrices (runtime sizes and strides)
+    ((6, 70, 60), [(6, 70, 1), (6, 1, 60), (70, 60), (60,)]),
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_broadcast_maps_match_reference(shape, others, dtype, tol):
+    """Broadcast maps (a full parameter and gradient, factors of many shapes) against the
+    reference engine: the stored result and both sums."""
+    from adamkit.algorithms.adafactor import AdafactorScalars, _apply_update, _update_sq
+    from adamkit.engines.reference import ReferenceEngine
+
+    s = AdafactorScalars(lr=0.01, one_minus_beta2=0.2, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
+                         weight_decay=0.1, step_size=0.003, max_rsqrt=50.0)
+    gen = torch.Generator().manual_seed(11)
+    for a_shape in others:
+        for b_shape in (others[0], others[-1]):
+            p, g = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+            a, b = (torch.rand(sh, generator=gen, dtype=torch.float64) * 10
+                    for sh in (a_shape, b_shape))
+            results = []
+            for engine in (ReferenceEngine(dtype), fused_cpu.FusedEngine(dtype)):
+                q, h, x, y = (t.to(dtype, copy=True) for t in (p, g, a, b))
+                sums = engine.map(_update_sq, s, [q, h, x, y], [], n_sums=2)
+                engine.map(_apply_update, s, [q, h, x, y], [q])
+                results.append((q, sums))
+            (ref, ref_sums), (fused, sums) = results
+            assert _rel(fused, ref) <= tol, (a_shape, b_shape)
+            assert _rel(fused, p.to(dtype)) > 1e-4  # the map did write
+            for got, want in zip(sums, ref_sums):
+                assert abs(got - want) <= tol * abs(want), (a_shape, b_shape, got, want)
 
 
 def test_parameters_move():
