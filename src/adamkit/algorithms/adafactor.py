@@ -26,8 +26,16 @@ class AdafactorScalars(NamedTuple):
     max_rsqrt: float  # 1 / eps1 (inf for eps1 = 0)
 
 
-def _ema(s: AdafactorScalars, average, new):
-    return lerp(average, new, s.one_minus_beta2)
+def _ema_rsqrt(s: AdafactorScalars, average, new):
+    # the row factor's EMA and a = 1/sqrt(R), written over the row means it was made from
+    average = lerp(average, new, s.one_minus_beta2)
+    return average, 1 / sqrt(average)
+
+
+def _ema_scaled_rsqrt(s: AdafactorScalars, average, new, norm):
+    # the column factor's EMA and b = 1/sqrt(C / norm), written over the column means
+    average = lerp(average, new, s.one_minus_beta2)
+    return average, 1 / sqrt(average / norm)
 
 
 def _ema_of_square(s: AdafactorScalars, average, g):
@@ -75,6 +83,14 @@ def _step_size(s: AdafactorScalars, u_sq: float, p_sq: float, n: int) -> float:
     """alpha_t / max(1, RMS(U) / d) with alpha_t = max(eps2, RMS(p)) rho_t."""
     alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
     return alpha / max(1.0, math.sqrt(u_sq / n) / s.d)
+
+
+def _mean_over_rows(row):
+    """``row.mean(dim=-2, keepdim=True)`` of a (..., n, 1) row factor, taken over a (-1, n)
+    view: the same values, 1.5x faster for a conv kernel's n = 3 (torch's reduction over a
+    middle dimension of size 3 is slow)."""
+    n = row.shape[-2]
+    return row.reshape(-1, n).mean(dim=1).reshape(row.shape[:-2] + (1, 1))
 
 
 def _eps_pair(name, value):
@@ -171,15 +187,15 @@ class Adafactor(Optimizer):
             engine.map(_unfactored_apply, s, [p, g, variance], [p, variance])
             return
         row, col = slots["row_var"], slots["col_var"]
-        row_mean, col_mean = engine.mean_sq_last_dims(g)
-        engine.map(_ema, s, [row, row_mean], [row])
-        yield engine.map(_ema, s, [col, col_mean], [col])
-        # every tensor's program is suspended at its yields together (lockstep): drop what is
-        # no longer needed so that the temporaries of all tensors do not pile up
-        del row_mean, col_mean
-        norm = row.mean(dim=-2, keepdim=True).clamp(min=s.eps1)
-        compute = compute_dtype(p.dtype)
-        a, b = row.to(compute).rsqrt(), (col.to(compute) / norm.to(compute)).rsqrt()
+        # the factors' EMAs also leave a = 1/sqrt(R) and b = 1/sqrt(C / norm) in place of the
+        # row and column means of g^2 (in the compute dtype, from the unrounded R and C)
+        a, b = engine.mean_sq_last_dims(g)
+        engine.map(_ema_rsqrt, s, [row, a], [row, a])
+        yield  # R's EMA has run (for every tensor: lockstep)
+        norm = _mean_over_rows(row).clamp(min=s.eps1).to(compute_dtype(p.dtype))
+        if norm.numel() == 1:  # one matrix (2-D weights): a number, so the map is batched
+            norm = norm.item()
+        yield engine.map(_ema_scaled_rsqrt, s, [col, b, norm], [col, b])
         u_sq, p_sq = yield engine.map(_update_sq, s, [p, g, a, b], [], n_sums=2)
         s = s._replace(step_size=_step_size(s, u_sq, p_sq, n))
         engine.map(_apply_update, s, [p, g, a, b], [p])
