@@ -618,3 +618,40 @@ def test_broadcast_shapes_and_strides_match_torch():
     # strides from a transposed operand keep their values
     t = torch.zeros(5, 4).t()
     assert fused_cpu._collapse_strides(t, (4, 5)) == (0, 1, 4)
+
+
+def test_a_map_run_at_once_waits_for_queued_maps_that_write_its_tensors():
+    """A batched (deferred) map writes a; a broadcast map, which runs at once, then reads a
+    without a yield in between: the engine flushes the batch first, so the result is the
+    reference engine's, not one computed from a's old values."""
+    from adamkit.algorithms.adafactor import (AdafactorScalars, _apply_update, _ema_rsqrt,
+                                              _update_sq)
+    from adamkit.engines.reference import ReferenceEngine
+
+    s = AdafactorScalars(lr=0.01, one_minus_beta2=0.5, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
+                         weight_decay=0.0, step_size=0.01, max_rsqrt=1e6)
+    gen = torch.Generator().manual_seed(2)
+    p0, g0 = (torch.randn(300, 40, generator=gen) for _ in range(2))
+    row0, new0 = (torch.rand(300, 1, generator=gen) + 0.5 for _ in range(2))
+    col = torch.rand(1, 40, generator=gen) + 0.5
+    results = []
+    for engine in ("reference", "fused"):
+        batch = fused_cpu.KernelBatch()
+        e = ReferenceEngine(torch.float32) if engine == "reference" else \
+            fused_cpu.FusedEngine(torch.float32, batch=batch)
+        p, g, row, a = p0.clone(), g0.clone(), row0.clone(), new0.clone()
+        e.map(_ema_rsqrt, s, [row, a], [row, a])  # queued by the fused engine
+        if engine == "fused":
+            assert len(batch) == 1 and torch.equal(a, new0)
+        sums = e.map(_update_sq, s, [p, g, a, col], [], n_sums=2)  # runs at once
+        if engine == "fused":
+            assert len(batch) == 0
+        e.map(_apply_update, s, [p, g, a, col], [p])
+        batch.flush()
+        results.append((p, row, a, sums))
+    (p_ref, row_ref, a_ref, sums_ref), (p, row, a, sums) = results
+    assert not torch.equal(a_ref, new0)
+    for mine, ref in ((p, p_ref), (row, row_ref), (a, a_ref)):
+        assert _rel(mine, ref) <= 1e-6
+    for mine, ref in zip(sums, sums_ref):
+        assert abs(mine - ref) <= 1e-5 * abs(ref)

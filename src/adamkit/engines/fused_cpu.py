@@ -1060,6 +1060,8 @@ class KernelBatch:
         self._groups: dict[tuple, list] = {}
         #: the most recently added map, as ``(spec, n, operands)``: what :meth:`repeat` needs
         self.last: tuple | None = None
+        #: addresses of the tensors the queued maps write (see FusedEngine)
+        self.writes: set[int] = set()
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._groups.values())
@@ -1069,6 +1071,8 @@ class KernelBatch:
         # ``keep`` holds the operand tensors so their memory outlives the addresses
         self._groups.setdefault(spec, []).append((values, n, seed, operands, keep, sums))
         self.last = (spec, n, operands)
+        for _, j in spec[2]:
+            self.writes.add(operands[j][0])
 
     def repeat(self, last: tuple, s, seed: int, grad_address: int, keep) -> None:
         """Add a map recorded as ``last`` by an earlier step again, with new scalars ``s``, a
@@ -1087,6 +1091,7 @@ class KernelBatch:
         import numpy as np
 
         groups, self._groups = self._groups, {}
+        self.writes = set()
         for spec, entries in groups.items():
             (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
              n_sums, outcomes) = spec
@@ -1139,7 +1144,9 @@ class FusedEngine:
         batch: a :class:`KernelBatch` that collects maps over same-shaped operands instead of
             running them; ``batch.flush()`` then runs all of them, one launch per kernel. The
             tensors must not be touched in between (the optimizer flushes at the end of
-            ``step()``, and for a generator ``apply`` at each ``yield``).
+            ``step()``, and for a generator ``apply`` at each ``yield``), except by this
+            engine: a map it runs at once, or ``mean_sq_last_dims``, on a tensor that a queued
+            map writes flushes the batch first.
         batch_sums: whether maps with sums are batched too; ``map`` then returns a
             :class:`Pending` for them, to be yielded (only for generator ``apply``).
     """
@@ -1160,10 +1167,28 @@ class FusedEngine:
         self.stochastic_bf16 = stochastic_bf16
         self.stochastic_int8 = stochastic_int8
 
+    def _after_queued_writes(self, tensors) -> None:
+        """Flush the batch if one of its queued maps writes one of ``tensors`` (which this
+        engine is about to use at once), so that nothing reads or writes them out of order."""
+        writes = self.batch.writes if self.batch is not None else None
+        if not writes:
+            return
+        for t in tensors:
+            if isinstance(t, Tensor):
+                address = t.data_ptr()
+            elif isinstance(t, _block_quantized()):
+                address = t.codes.data_ptr()
+            else:
+                continue
+            if address in writes:
+                self.batch.flush()
+                return
+
     # The reference engine handles maps whose operands the kernels do not cover.
     def _fallback(self, fn, s, ins, outs, n_sums):
         from ..storage import BlockQuantized
 
+        self._after_queued_writes(ins)
         loaded = []
         for t in ins:
             if t is not None and t is self.negate:
@@ -1251,6 +1276,7 @@ class FusedEngine:
             sums = Pending() if n_sums else None
             self.batch.add(spec, tuple(s), n, self.seed, operands, ins, sums)
             return sums if n_sums else []
+        self._after_queued_writes(ins)
         # a small tensor runs on the calling thread: waking the thread pool costs more
         parallel = n >= SERIAL_BELOW
         strides = {}
@@ -1297,6 +1323,7 @@ class FusedEngine:
         return list(kernel(*args))
 
     def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._after_queued_writes((x,))
         if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 2:
             return ReferenceEngine(self.param_dtype).mean_sq_last_dims(x)
         from . import numba_ops
