@@ -323,3 +323,35 @@ def test_state_dict_converts_between_storage_types(source, target):
     q.grad = torch.randn(q.shape)
     opt2.step()  # and it steps
     assert torch.isfinite(q).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_adafactor_factors_stay_float32_with_int8_state(backend):
+    """Adafactor's row and column factors are float32 under int8 state even where their shape
+    is the parameter's (a 1x1 conv kernel, an (n, 1) or (1, m) matrix): the steps match
+    float32 state exactly, and checkpoints in either storage load back as float32 factors."""
+    shapes = [(64, 128, 1, 1), (5000, 1), (1, 5000), (64, 80)]
+    runs = {}
+    for state_dtype in ("float32", "int8"):
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+        opt = adamkit.Adafactor(params, backend=backend, state_dtype=state_dtype)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs[state_dtype] = (params, opt)
+    (ref, ref_opt), (params, opt) = runs["float32"], runs["int8"]
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+        for name in ("row_var", "col_var"):
+            value = opt.state[p][name]
+            assert isinstance(value, torch.Tensor) and value.dtype == torch.float32, name
+            assert torch.equal(value, ref_opt.state[q][name])
+    for source in (opt, ref_opt):
+        fresh = [torch.zeros(s, requires_grad=True) for s in shapes]
+        loaded = adamkit.Adafactor(fresh, backend=backend, state_dtype="int8")
+        loaded.load_state_dict(source.state_dict())
+        for p in fresh:
+            assert all(isinstance(loaded.state[p][n], torch.Tensor)
+                       for n in ("row_var", "col_var"))

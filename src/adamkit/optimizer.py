@@ -81,6 +81,9 @@ class Optimizer(torch.optim.Optimizer):
     #: slots that are never negative (second moments, accumulators): 8-bit state uses the
     #: unsigned code map for them, the signed one for the others
     nonnegative_slots: ClassVar[tuple[str, ...]] = ()
+    #: slots kept in float32 under ``state_dtype="int8"`` even where their shape is the
+    #: parameter's (Adafactor's factors: a 1x1 conv kernel's are)
+    unquantized_slots: ClassVar[tuple[str, ...]] = ()
     #: 8-bit state is stored with stochastic rounding (unbiased moving averages); set False on
     #: an instance to round to nearest (both engines then agree bit for bit)
     round_int8_stochastically: bool = True
@@ -95,6 +98,13 @@ class Optimizer(torch.optim.Optimizer):
     def slot_fill(self, group: dict, name: str) -> float:
         """Initial value of a slot (default 0)."""
         return 0.0
+
+    def slot_storage(self, name: str) -> str | None:
+        """The storage (``state_dtype``) of slot ``name``: the optimizer's, but float32 for
+        ``unquantized_slots`` under int8."""
+        if self.state_dtype == "int8" and name in self.unquantized_slots:
+            return "float32"
+        return self.state_dtype
 
     def new_slot(self, group: dict, p: Tensor, name: str) -> Tensor:
         """A fresh state tensor for slot ``name`` of ``p`` (default: shaped like ``p``)."""
@@ -498,7 +508,7 @@ class Optimizer(torch.optim.Optimizer):
                 for name in self.state_slots(group, p):
                     if name in state:
                         state[name] = storage.convert(
-                            state[name], self.state_dtype, p,
+                            state[name], self.slot_storage(name), p,
                             signed=name not in self.nonnegative_slots)
 
     # ---- helpers for algorithms ---------------------------------------------------------

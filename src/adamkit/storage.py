@@ -6,8 +6,9 @@ is kept between steps. ``state_dtype`` of every adamkit optimizer:
 * ``None``: the parameter's dtype (torch's behaviour); ``"float32"``, ``"bfloat16"``: that dtype.
 * ``"int8"``: :class:`BlockQuantized`: one byte per element plus one float32 ``absmax`` per
   block of :data:`BLOCK` = 256 consecutive elements (0.016 bytes per element). Tensors with fewer
-  than :data:`MIN_QUANTIZED` = 4096 elements, and state that is not shaped like its parameter
-  (Adafactor's row and column factors), stay float32.
+  than :data:`MIN_QUANTIZED` = 4096 elements, state that is not shaped like its parameter, and
+  slots an algorithm lists in ``unquantized_slots`` (Adafactor's row and column factors, which
+  a 1x1 conv kernel's are shaped like it) stay float32.
 
 The 8-bit codes are tiny floating-point numbers relative to the block: with
 ``unit = absmax / 1.875`` and ``y = |x| / unit`` in [0, 1.875],

@@ -131,6 +131,7 @@ class Adafactor(Optimizer):
     }
     slot_names = ("row_var", "col_var", "variance")
     nonnegative_slots = ("row_var", "col_var", "variance")
+    unquantized_slots = ("row_var", "col_var")
 
     def __init__(
         self,
@@ -161,7 +162,7 @@ class Adafactor(Optimizer):
             return super().new_slot(group, p, name)
         shape = list(p.shape)
         shape[-1 if name == "row_var" else -2] = 1
-        return storage.make_state(self.state_dtype, p, shape, 0.0, signed=False)
+        return storage.make_state(self.slot_storage(name), p, shape, 0.0, signed=False)
 
     def scalars(self, group, state) -> AdafactorScalars:
         t = self.advance_step(state)

@@ -1336,10 +1336,11 @@ class FusedEngine:
             return rows, cols
         if n * m <= SMALL_BCAST:
             kernel = _sq_means_small_kernel(n, m, x.numel() >= SERIAL_BELOW)
-            args = (_numpy(x), rows.view(-1).numpy(), cols.view(-1).numpy(), x.numel() // (n * m))
+            sizes = (x.numel() // (n * m),)
         else:
             kernel = numba_ops.sq_means_last_dims
-            args = (_numpy(x), rows.view(-1).numpy(), cols.view(-1).numpy(), n, m)
+            sizes = (n, m)
+        args = (_numpy(x), rows.view(-1).numpy(), cols.view(-1).numpy(), *sizes)
         if _serialize_calls():
             with _lock:
                 kernel(*args)
