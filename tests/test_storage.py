@@ -352,6 +352,8 @@ def test_adafactor_factors_stay_float32_with_int8_state(backend):
         fresh = [torch.zeros(s, requires_grad=True) for s in shapes]
         loaded = adamkit.Adafactor(fresh, backend=backend, state_dtype="int8")
         loaded.load_state_dict(source.state_dict())
-        for p in fresh:
-            assert all(isinstance(loaded.state[p][n], torch.Tensor)
-                       for n in ("row_var", "col_var"))
+        for p, q in zip(fresh, ref):
+            for name in ("row_var", "col_var"):
+                value = loaded.state[p][name]
+                assert isinstance(value, torch.Tensor) and value.dtype == torch.float32, name
+                assert torch.equal(value, ref_opt.state[q][name]), name

@@ -111,10 +111,11 @@ class Optimizer(torch.optim.Optimizer):
         fill = self.slot_fill(group, name)
         if p.is_complex():
             return torch.full_like(p, complex(fill, fill), memory_format=torch.preserve_format)
-        if self.state_dtype == "int8":
+        state_dtype = self.slot_storage(name)
+        if state_dtype == "int8":
             return storage.make_state("int8", p, p.shape, fill,
                                       signed=name not in self.nonnegative_slots)
-        dtype = _STORAGE.get(self.state_dtype, p.dtype)
+        dtype = _STORAGE.get(state_dtype, p.dtype)
         return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
     def sparse_ok(self, group: dict) -> bool:
