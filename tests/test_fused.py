@@ -13,6 +13,7 @@ so only the first run pays for compilation.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -180,18 +181,83 @@ def test_adafactor_conv_shapes_match_reference(dtype, tol):
 
 
 @pytest.mark.parametrize("shape", [(3, 3), (4096, 3, 3), (2, 1, 1), (300, 2, 5), (4, 7),
-                                   (5000, 7), (2, 300, 200), (1, 70000), (50, 9, 11)])
+                                   (5000, 7), (2, 300, 200), (1, 70000), (50, 9, 11),
+                                   (2, 1100, 1001)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)],
                          ids=["float64", "float32"])
 def test_mean_sq_last_dims_matches_reference(shape, dtype, tol):
     """Row and column means of g^2, small matrices (summed whole) and large ones (row bands,
-    element-dtype runs), against torch in float64."""
+    element-dtype runs; 1100 x 1001 is two bands), against torch in float64."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     rows, cols = fused_cpu.FusedEngine(dtype).mean_sq_last_dims(x.to(dtype))
     sq = x.to(dtype).double() ** 2
     assert rows.shape == shape[:-1] + (1,) and cols.shape == shape[:-2] + (1, shape[-1])
     assert _rel(rows, sq.mean(dim=-1, keepdim=True)) <= tol
     assert _rel(cols, sq.mean(dim=-2, keepdim=True)) <= tol
+
+
+class _Unused(NamedTuple):
+    unused: float
+
+
+def _first(s: _Unused, a, b):
+    return a
+
+
+def _product(s: _Unused, a, b, out):
+    return a * b
+
+
+def test_batched_means_of_squares_run_in_one_launch_before_the_maps(monkeypatch):
+    """With a KernelBatch, mean_sq_last_dims is deferred (matrices over SMALL_BCAST elements):
+    every queued tensor's row and column means come from one launch per dtype pair at
+    flush(), before the maps queued after them
+    (which may read them), for matrices summed whole and in row bands, in float64 to 1e-13
+    and float32 to 1e-6 against torch; a map run at once on a deferred result waits for it."""
+    from adamkit.engines import numba_ops
+
+    launches = []
+    original = numba_ops.sq_means_many
+
+    def spy(*args):
+        launches.append(len(args[0]))
+        return original(*args)
+
+    monkeypatch.setattr(numba_ops, "sq_means_many", spy)
+    shapes = [(300, 2, 5), (4, 7), (5000, 7), (2, 300, 200), (1, 70000), (50, 9, 11), (70, 80),
+              (1100, 1001)]
+    # several bands of rows per matrix (work items of about numba_ops.BAND elements)
+    assert 1100 * 1001 > numba_ops.BAND
+    gen = torch.Generator().manual_seed(6)
+    batch = fused_cpu.KernelBatch()
+    queued = []
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        engine = fused_cpu.FusedEngine(dtype, batch=batch, batch_sums=True)
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen, dtype=dtype)
+            rows, cols = engine.mean_sq_last_dims(x)
+            copy = torch.empty_like(rows)
+            # a queued map reading the deferred row means (a copy of them)
+            engine.map(_first, _Unused(0.0), [rows, copy], [copy])
+            queued.append((x, rows, cols, copy, tol))
+    assert not launches
+    batch.flush()
+    # matrices of at most SMALL_BCAST elements run at once (kernels compiled per shape)
+    deferred = sum(1 for shape in shapes if shape[-2] * shape[-1] > fused_cpu.SMALL_BCAST)
+    assert deferred == 6 and sorted(launches) == [deferred, deferred]
+    for x, rows, cols, copy, tol in queued:
+        sq = x.double() ** 2
+        assert _rel(rows, sq.mean(dim=-1, keepdim=True)) <= tol
+        assert _rel(cols, sq.mean(dim=-2, keepdim=True)) <= tol
+        assert torch.equal(copy, rows)
+    # a map run at once (broadcast operands) on a deferred result flushes the batch first
+    engine = fused_cpu.FusedEngine(torch.float64, batch=batch, batch_sums=True)
+    x = torch.randn(30, 40, generator=gen, dtype=torch.float64)
+    rows, cols = engine.mean_sq_last_dims(x)
+    out = torch.empty(30, 40, dtype=torch.float64)
+    engine.map(_product, _Unused(0.0), [rows, cols, out], [out])
+    sq = x ** 2
+    assert _rel(out, sq.mean(dim=-1, keepdim=True) * sq.mean(dim=-2, keepdim=True)) <= 1e-13
 
 
 @pytest.mark.parametrize("shape,others", [
@@ -524,6 +590,94 @@ def test_repeated_steps_take_the_fast_path_and_notice_every_change(count_fused):
     step(1)  # contiguous again: parameter 0 takes the full path once more
     grads()
     step(0)
+
+
+@pytest.mark.parametrize("config", ["float32-int8", "bfloat16-sr"])
+@pytest.mark.parametrize("name,kwargs", [
+    ("adamw", dict(weight_decay=0.1)), ("radam", dict()), ("sgd", dict(momentum=0.9)),
+    ("lion", dict()), ("adagrad", dict()), ("rmsprop", dict(centered=True))])
+def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, config,
+                                                                  monkeypatch):
+    """From a param group's second step its maps are added as one block per kernel, with the
+    scalars computed once per step count (optimizer._GroupPlan). Bitwise against the same
+    steps with that path switched off (each tensor then repeats its own _Plan), so scalars,
+    step counts and stochastic-rounding seeds must all be the same: int8 state rounded
+    stochastically (tensors under and over 4096 elements: two kernels in one group), or
+    bfloat16 parameters rounded stochastically; two groups; a parameter that sits two steps
+    out and comes back a step count behind (two counts in one group: RAdam's rectified and
+    unrectified kernels); a new learning rate; maximize switched; a parameter replaced in its
+    group. The path must be taken exactly where nothing it depends on changed."""
+    dtype, state_dtype, sr = ((torch.float32, "int8", False) if config == "float32-int8"
+                              else (torch.bfloat16, None, True))
+    taken = []
+    original = adamkit.optimizer._GroupPlan.repeat
+
+    def spy(self, opt, group, batch):
+        result = original(self, opt, group, batch)
+        taken.append(result)
+        return result
+
+    def run(fast):
+        monkeypatch.setattr(adamkit.optimizer._GroupPlan, "repeat", spy)
+        if not fast:
+            monkeypatch.setattr(adamkit.optimizer._GroupPlan, "record",
+                                classmethod(lambda *args: None))
+        gen = torch.Generator().manual_seed(5)
+        shapes = [[(5000,), (30, 40), (7,)], [(4100,), (3, 3)]]
+        groups = [[torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shp]
+                  for shp in shapes]
+        lr = LR.get(name, 0.01)
+        opt = adamkit.create(name, [{"params": groups[0]}, {"params": groups[1], "lr": lr / 2}],
+                             lr=lr, state_dtype=state_dtype, stochastic_rounding=sr, **kwargs)
+        taken.clear()
+        log = []
+
+        def step(skip=()):
+            for gi, params in enumerate(groups):
+                for pi, p in enumerate(params):
+                    p.grad = None if (gi, pi) in skip else torch.randn(
+                        p.shape, generator=gen).to(dtype)
+            opt.step()
+            log.append(list(taken))
+            taken.clear()
+
+        step()  # full path, plans recorded
+        step()  # both groups repeat as blocks
+        step(skip={(0, 1)})  # a gradient gone: group 0 per tensor, group 1 block
+        step(skip={(0, 1)})  # the same again: group 0 block with a gap
+        step()  # back, a step count behind: group 0 per tensor
+        step()  # two step counts in group 0
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+        step()
+        opt.param_groups[1]["maximize"] = True
+        step()  # group 1 per tensor (settings changed)
+        step()
+        groups[0][2] = torch.randn(7, generator=gen).to(dtype).requires_grad_()
+        opt.param_groups[0]["params"][2] = groups[0][2]
+        step()  # a new parameter in group 0: per tensor
+        step()
+        monkeypatch.undo()
+        state = [opt.state[p] for params in groups for p in params]
+        return [p.detach().clone() for params in groups for p in params], state, log
+
+    fast, fast_state, log = run(True)
+    slow, slow_state, slow_log = run(False)
+    # per step, each group plan's verdict (the first step records; a False is followed by
+    # the per-tensor path)
+    assert log == [[], [True, True], [False, True], [True, True], [False, True], [True, True],
+                   [True, True], [True, False], [True, True], [False, True], [True, True]]
+    assert all(not entry for entry in slow_log)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+    for a, b in zip(fast_state, slow_state):
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = a[key], b[key]
+            if isinstance(x, adamkit.storage.BlockQuantized):
+                assert torch.equal(x.codes, y.codes) and torch.equal(x.absmax, y.absmax)
+            else:
+                assert torch.equal(x, y), key
 
 
 # kernels launched per pass of one step: FAdam's sum of g^2, clip sums, update (with int8

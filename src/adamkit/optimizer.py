@@ -87,6 +87,11 @@ class Optimizer(torch.optim.Optimizer):
     #: 8-bit state is stored with stochastic rounding (unbiased moving averages); set False on
     #: an instance to round to nearest (both engines then agree bit for bit)
     round_int8_stochastically: bool = True
+    #: ``scalars(group, state)`` depends on nothing in ``state`` but the step count and which
+    #: slots exist, and changes nothing but the step count (through ``advance_step``): the
+    #: tensors of a group at the same step can then share one call (the fused engine's fast
+    #: path for repeated steps, see _GroupPlan)
+    scalars_from_step: ClassVar[bool] = False
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
     sparse_note: ClassVar[str] = ""
@@ -269,10 +274,17 @@ class Optimizer(torch.optim.Optimizer):
         # that re-adds that step's map with new scalars (see _Plan); others take the full one.
         plans = None if batch is None or not default_apply \
             else self.__dict__.setdefault("_plans", {})
+        # ... and a whole param group whose tensors all do, one that repeats as a block
+        group_plans = None if plans is None else self.__dict__.setdefault("_group_plans", {})
         # parameters' step counters, incremented together at the end (see advance_step)
         pending = self._pending_steps = []
         try:
             for gi, group in enumerate(self.param_groups):
+                if group_plans is not None:
+                    group_plan = group_plans.pop(gi, None)
+                    if group_plan is not None and group_plan.repeat(self, group, batch):
+                        group_plans[gi] = group_plan
+                        continue
                 for pi, p in enumerate(group["params"]):
                     grad = p.grad
                     if grad is None:
@@ -286,6 +298,10 @@ class Optimizer(torch.optim.Optimizer):
                     batch.last = None
                     self._step_parameter(group, p, (gi, pi))
                     plans[p] = _Plan.record(self, group, p, grad, batch.last)
+                if group_plans is not None:
+                    group_plan = _GroupPlan.record(self, group, gi, plans)
+                    if group_plan is not None:
+                        group_plans[gi] = group_plan
             if self._lockstep:
                 self._run_in_lockstep(self._lockstep, batch)
         finally:
@@ -501,6 +517,7 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.__dict__.pop("_plans", None)  # they hold the replaced state tensors
+        self.__dict__.pop("_group_plans", None)
         # torch casts loaded floating state to the parameter's dtype and keeps other values as
         # they are; convert every slot to this optimizer's storage (8-bit codes <-> floats).
         for group in self.param_groups:
@@ -586,27 +603,199 @@ class _Plan:
         plan.last = last
         return plan
 
+    def same_settings(self, opt: Optimizer, group: dict) -> bool:
+        return group["maximize"] == self.maximize and self.settings == (
+            opt.state_dtype, opt.stochastic_rounding, opt.round_int8_stochastically)
+
+    def unchanged_state(self, opt: Optimizer, group: dict, p: Tensor, grad: Tensor):
+        """``p``'s state dict if nothing this plan depends on changed (None otherwise), given
+        :meth:`same_settings`. This runs for every tensor and step: identity tests where
+        they suffice (dtypes are singletons)."""
+        dtype, shape = self.dtype, self.shape
+        if (grad.layout is not torch.strided or not grad.is_cpu or grad.dtype is not dtype
+                or grad.shape != shape or not grad.is_contiguous()
+                or p.data_ptr() != self.address or p.dtype is not dtype or p.shape != shape
+                or not p.is_contiguous()):
+            return None
+        state = opt.state[p]
+        if opt.state_slots(group, p) != self.names:
+            return None
+        for name, value, addresses in zip(self.names, self.slots, self.slot_addresses):
+            current = state.get(name)
+            if current is not value or _addresses(current) != addresses:
+                return None
+        return state
+
     def repeat(self, opt: Optimizer, group: dict, p: Tensor, grad: Tensor,
                where: tuple[int, int], batch) -> bool:
         """Add this step of ``p`` to ``batch`` if nothing changed; False (and no effect) if
         something did."""
-        dtype, shape = self.dtype, self.shape
-        if (grad.layout != torch.strided or not grad.is_cpu or grad.dtype != dtype
-                or grad.shape != shape or not grad.is_contiguous()
-                or p.data_ptr() != self.address or p.dtype != dtype or p.shape != shape
-                or not p.is_contiguous() or group["maximize"] != self.maximize
-                or self.settings != (opt.state_dtype, opt.stochastic_rounding,
-                                     opt.round_int8_stochastically)):
+        state = self.unchanged_state(opt, group, p, grad) if self.same_settings(opt, group) \
+            else None
+        if state is None:
             return False
-        state = opt.state[p]
-        if opt.state_slots(group, p) != self.names:
-            return False
-        for name, value, addresses in zip(self.names, self.slots, self.slot_addresses):
-            current = state.get(name)
-            if current is not value or _addresses(current) != addresses:
-                return False
         opt._last_step = None
         s = opt.scalars(group, state)
         batch.repeat(self.last, s, opt._seed(state, p, where), grad.data_ptr(),
                      (p, grad, *self.slots))
+        return True
+
+
+_U64 = (1 << 64) - 1
+
+
+class _Part:
+    """The tensors of a :class:`_GroupPlan` that share a kernel, as the arrays a
+    :class:`~adamkit.engines.fused_cpu.KernelBatch` block needs."""
+
+    __slots__ = ("spec_base", "fn", "dtype", "positions", "ns", "seed_bases", "columns",
+                 "grad_column", "writes")
+
+
+class _GroupPlan:
+    """A param group's last step, when every tensor in it with a gradient took the fused fast
+    path (:class:`_Plan`) and the optimizer's ``scalars`` depend on nothing but the group,
+    the step count and which slots exist (``Optimizer.scalars_from_step``).
+
+    :meth:`repeat` still runs every tensor's :meth:`_Plan.unchanged_state` check, but calls
+    ``scalars`` once per distinct step count instead of once per tensor, and adds the group's
+    maps to the batch as one block of ready-made arrays per kernel (new gradient addresses,
+    scalars and seeds filled in with array operations) instead of one entry per tensor. A
+    small model's step is mostly this per-tensor Python time. Anything it does not cover
+    (a gradient appearing or disappearing, a changed tensor, a replaced group) returns False
+    before any effect, and the group takes the per-tensor path, which records a new plan.
+    """
+
+    __slots__ = ("group", "params", "plans", "parts")
+
+    @classmethod
+    def record(cls, opt: Optimizer, group: dict, gi: int, plans: dict) -> "_GroupPlan | None":
+        import numpy as np
+
+        if not opt.scalars_from_step:
+            return None
+        params = list(group["params"])
+        entries = []  # the plan of each parameter (None: no gradient this step)
+        by_spec: dict = {}
+        position = 0  # among the parameters with gradients
+        for pi, p in enumerate(params):
+            if p.grad is None:
+                entries.append(None)
+                continue
+            plan = plans.get(p)
+            if plan is None:
+                return None
+            by_spec.setdefault(plan.last[0][:-1], []).append((position, pi, p, plan))
+            entries.append(plan)
+            position += 1
+        if not by_spec:
+            return None
+        self = cls()
+        self.group = group
+        self.params = params
+        self.plans = entries
+        self.parts = []
+        for spec_base, members in by_spec.items():
+            part = _Part()
+            part.spec_base = spec_base
+            part.fn, kinds, stores, part.dtype = spec_base[0], spec_base[1], spec_base[2], \
+                spec_base[4]
+            part.positions = [m[0] for m in members]
+            part.ns = np.array([m[3].last[1] for m in members], dtype=np.int64)
+            part.seed_bases = np.array(
+                [(p.numel() + (gi * 7919 + pi) * 0x632BE5AB) & _U64 for _, pi, p, _ in members],
+                dtype=np.uint64)
+            # the operand tables in kernel argument order (see KernelBatch.flush)
+            part.columns = []
+            part.grad_column = None
+            for j, kind in enumerate(kinds):
+                if kind == "none":
+                    continue
+                if j == 1:
+                    part.grad_column = len(part.columns)
+                part.columns.append(np.array([m[3].last[2][j][0] for m in members],
+                                             dtype=np.float64 if kind == "num" else np.uint64))
+                if kind in ("q8s", "q8u"):
+                    part.columns.append(np.array([m[3].last[2][j][1] for m in members],
+                                                 dtype=np.uint64))
+            part.writes = [m[3].last[2][j][0] for m in members for _, j in stores]
+            self.parts.append(part)
+        return self
+
+    def repeat(self, opt: Optimizer, group: dict, batch) -> bool:
+        """Add this step of the group's tensors to ``batch`` if nothing changed; False (and
+        no effect) if something did."""
+        import numpy as np
+
+        params = group["params"]
+        if group is not self.group or len(params) != len(self.params):
+            return False
+        checked = set()  # settings of maximize and storage, once per distinct value
+        states, grads = [], []
+        for p, q, plan in zip(params, self.params, self.plans):
+            g = p.grad
+            if p is not q:
+                return False
+            if plan is None:
+                if g is not None:
+                    return False
+                continue
+            if g is None:
+                return False
+            if (plan.maximize, plan.settings) not in checked:
+                if not plan.same_settings(opt, group):
+                    return False
+                checked.add((plan.maximize, plan.settings))
+            state = plan.unchanged_state(opt, group, p, g)
+            if state is None:
+                return False
+            states.append(state)
+            grads.append(g)
+        # the scalars, once per distinct step count (the tensors of a group usually share one)
+        pending = opt._pending_steps
+        found: dict = {}
+        which = []  # per tensor, its index in ``found``
+        for state in states:
+            step = state.get("step")
+            key = None if step is None else float(step)
+            entry = found.get(key)
+            if entry is None:
+                opt._last_step = None
+                s = opt.scalars(group, state)
+                advanced = opt._last_step  # None: this rule keeps no step count
+                count = int(advanced) if advanced is not None else (
+                    opt._steps_taken if step is None else int(key))
+                entry = found[key] = (len(found), s, count, advanced is not None)
+            elif entry[3]:  # what scalars() did for the first one, for this one
+                if step is None:
+                    opt.advance_step(state)
+                else:
+                    pending.append(step)
+            which.append(entry[0])
+        addresses = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
+        for part in self.parts:
+            chosen = part.positions
+            for index, s, count, _ in found.values():
+                if len(found) == 1:
+                    select = None
+                    k = len(chosen)
+                else:
+                    select = np.array([which[i] == index for i in chosen])
+                    k = int(select.sum())
+                    if not k:
+                        continue
+                spec = part.spec_base + (fused_cpu.rule_outcomes(part.fn, s, part.dtype),)
+                values = np.array(tuple(s), dtype=np.float64)
+                svs = np.empty((k, values.size), dtype=np.float64)
+                svs[:] = values
+                seeds = ((part.seed_bases + np.uint64((count * 0x9E3779B1) & _U64))
+                         & np.uint64(0x3FFFFFFF)).astype(np.int64)
+                columns = list(part.columns)
+                if part.grad_column is not None:
+                    columns[part.grad_column] = addresses[chosen]
+                ns = part.ns
+                if select is not None:
+                    ns, seeds = ns[select], seeds[select]
+                    columns = [c[select] for c in columns]
+                batch.add_block(spec, svs, ns, seeds, columns, grads, part.writes)
         return True

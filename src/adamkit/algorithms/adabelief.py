@@ -58,6 +58,7 @@ class AdaBelief(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+    scalars_from_step = True
     nonnegative_slots = ("exp_avg_var", "max_exp_avg_var")
 
     def __init__(

@@ -61,6 +61,7 @@ class AdaBound(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    scalars_from_step = True
     nonnegative_slots = ("exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(

@@ -42,6 +42,7 @@ class Adagrad(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("sum",)
+    scalars_from_step = True
     nonnegative_slots = ("sum",)
     supports_complex = True
     sparse_note = "Adagrad (weight_decay=0)"

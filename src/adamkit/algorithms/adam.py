@@ -50,6 +50,7 @@ class Adam(Optimizer):
         "decoupled_weight_decay": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    scalars_from_step = True
     nonnegative_slots = ("exp_avg_sq", "max_exp_avg_sq")
     supports_complex = True
 

@@ -39,6 +39,7 @@ class Adamax(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_inf")
+    scalars_from_step = True
     nonnegative_slots = ("exp_inf",)
     supports_complex = True
 

@@ -45,6 +45,7 @@ class AdaMod(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq", "exp_avg_lr")
+    scalars_from_step = True
     nonnegative_slots = ("exp_avg_sq", "exp_avg_lr")
 
     def __init__(

@@ -38,6 +38,7 @@ class Lion(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg",)
+    scalars_from_step = True
 
     def __init__(
         self,

@@ -62,6 +62,7 @@ class RAdam(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq")
+    scalars_from_step = True
     nonnegative_slots = ("exp_avg_sq",)
     supports_complex = True
 

@@ -42,6 +42,7 @@ class RMSprop(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("square_avg", "momentum_buffer", "grad_avg")
+    scalars_from_step = True
     nonnegative_slots = ("square_avg",)
     supports_complex = True
 

@@ -41,6 +41,7 @@ class SGD(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("momentum_buffer",)
+    scalars_from_step = True
     supports_complex = True
     sparse_note = "SGD (momentum=0, weight_decay=0)"
 

@@ -1053,18 +1053,51 @@ class KernelBatch:
     operand addresses, and its parallel loop runs over every tensor's chunks of ``CHUNK``
     elements, so small and large tensors share the threads. Maps with sums get per-tensor
     totals (per-chunk partial sums, added up per tensor in chunk order) in their
-    :class:`Pending`.
+    :class:`Pending`. Row and column means of squares (:meth:`FusedEngine.mean_sq_last_dims`)
+    are deferred the same way, and run first, in one launch per dtype.
     """
 
     def __init__(self):
         self._groups: dict[tuple, list] = {}
+        #: per kernel, blocks of maps given as ready-made tables (see :meth:`add_block`)
+        self._blocks: dict[tuple, list] = {}
+        #: deferred means of squares, as (x, rows, cols) per (x dtype, means dtype)
+        self._means: dict[tuple, list] = {}
         #: the most recently added map, as ``(spec, n, operands)``: what :meth:`repeat` needs
         self.last: tuple | None = None
         #: addresses of the tensors the queued maps write (see FusedEngine)
         self.writes: set[int] = set()
 
     def __len__(self) -> int:
-        return sum(len(entries) for entries in self._groups.values())
+        return sum(len(entries) for entries in self._groups.values()) + sum(
+            len(block[1]) for blocks in self._blocks.values() for block in blocks) + sum(
+            len(means) for means in self._means.values())
+
+    def add_means(self, x: Tensor, rows: Tensor, cols: Tensor) -> None:
+        """Fill ``rows`` and ``cols`` with the row and column means of ``x**2`` over its last
+        two dimensions (contiguous float32 or float64; at least one element) at ``flush()``,
+        before the queued maps run."""
+        self._means.setdefault((x.dtype, rows.dtype), []).append((x, rows, cols))
+        self.writes.update((rows.data_ptr(), cols.data_ptr()))
+
+    def _run_means(self, means: dict) -> None:
+        import numpy as np
+
+        from . import numba_ops
+
+        element = {torch.float32: np.float32, torch.float64: np.float64}
+        for (dtype, out_dtype), queued in means.items():
+            shapes = np.array([(x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2],
+                                x.shape[-1]) for x, _, _ in queued], dtype=np.int64)
+            address = [np.array([t.data_ptr() for t in column], dtype=np.uint64)
+                       for column in zip(*queued)]
+            args = (*address, shapes, *numba_ops.sq_means_plan(shapes.tolist()),
+                    element[dtype], element[out_dtype])
+            if _serialize_calls():
+                with _lock:
+                    numba_ops.sq_means_many(*args)
+            else:
+                numba_ops.sq_means_many(*args)
 
     def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep,
             sums: Pending | None = None) -> None:
@@ -1087,12 +1120,49 @@ class KernelBatch:
         operands = [operands[0], (grad_address, 0), *operands[2:]]
         self.add(spec, tuple(s), n, seed, operands, keep)
 
+    def add_block(self, spec: tuple, svs, ns, seeds, columns: list, keep,
+                  writes: Sequence[int]) -> None:
+        """Add many maps of one kernel at once, as the tables :meth:`flush` passes it: scalars
+        ``svs`` (one row per map), sizes ``ns``, ``seeds`` and the operand ``columns`` in
+        kernel argument order (NumPy arrays). ``writes``: the addresses the maps store to.
+        Maps with sums are not taken this way."""
+        if spec[10]:
+            raise ValueError("add_block takes maps without sums")
+        self._blocks.setdefault(spec, []).append((svs, ns, seeds, columns, keep))
+        self.writes.update(writes)
+
+    @staticmethod
+    def _tables(spec: tuple, entries: list) -> tuple:
+        """(svs, ns, seeds, columns) of maps added one by one."""
+        import numpy as np
+
+        kinds, fields = spec[1], spec[6]
+        if fields:
+            svs = np.array([e[0] for e in entries], dtype=np.float64)
+        else:
+            svs = np.zeros((len(entries), 0), dtype=np.float64)
+        ns = np.array([e[1] for e in entries], dtype=np.int64)
+        seeds = np.array([e[2] for e in entries], dtype=np.int64)
+        columns = []
+        for j, kind in enumerate(kinds):
+            if kind == "none":
+                continue
+            columns.append(np.array([e[3][j][0] for e in entries],
+                                    dtype=np.float64 if kind == "num" else np.uint64))
+            if kind in ("q8s", "q8u"):
+                columns.append(np.array([e[3][j][1] for e in entries], dtype=np.uint64))
+        return svs, ns, seeds, columns
+
     def flush(self) -> None:
         import numpy as np
 
         groups, self._groups = self._groups, {}
+        blocks, self._blocks = self._blocks, {}
+        means, self._means = self._means, {}
         self.writes = set()
-        for spec, entries in groups.items():
+        if means:  # the maps queued after them may read them
+            self._run_means(means)
+        for spec in list(groups) + [spec for spec in blocks if spec not in groups]:
             (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
              n_sums, outcomes) = spec
             key = ("multi",) + spec
@@ -1100,26 +1170,23 @@ class KernelBatch:
                 key, fn, fields, kinds, stores, n_sums, n_results,
                 "float64" if dtype == torch.float64 else "float32", layout, negated,
                 outcomes=outcomes)
-            if fields:
-                svs = np.array([e[0] for e in entries], dtype=np.float64)
+            entries = groups.get(spec, [])
+            tables = [block[:4] for block in blocks.get(spec, ())]
+            if entries:
+                tables.insert(0, self._tables(spec, entries))
+            if len(tables) == 1:
+                svs, ns, seeds, columns = tables[0]
             else:
-                svs = np.zeros((len(entries), 0), dtype=np.float64)
-            ns = np.array([e[1] for e in entries], dtype=np.int64)
-            starts = np.zeros(len(entries) + 1, dtype=np.int64)
+                svs, ns, seeds = (np.concatenate([t[i] for t in tables]) for i in range(3))
+                columns = [np.concatenate([t[3][c] for t in tables])
+                           for c in range(len(tables[0][3]))]
+            starts = np.zeros(len(ns) + 1, dtype=np.int64)
             np.cumsum((ns + (CHUNK - 1)) // CHUNK, out=starts[1:])
-            seeds = np.array([e[2] for e in entries], dtype=np.int64)
             args = [svs, ns, starts, seeds, sr_b16, sr_q8]
             if n_sums:
                 part = np.zeros((int(starts[-1]), n_sums), dtype=np.float64)
                 args.append(part)
-            for j, kind in enumerate(kinds):
-                if kind == "none":
-                    continue
-                first = np.array([e[3][j][0] for e in entries],
-                                 dtype=np.float64 if kind == "num" else np.uint64)
-                args.append(first)
-                if kind in ("q8s", "q8u"):
-                    args.append(np.array([e[3][j][1] for e in entries], dtype=np.uint64))
+            args += columns
             if _serialize_calls():
                 with _lock:
                     kernel(*args)
@@ -1141,8 +1208,9 @@ class FusedEngine:
             operand; this is how ``maximize=True`` costs no extra pass.
         seed: seeds stochastic rounding (bfloat16 parameters with ``stochastic_bf16``, 8-bit
             state with ``stochastic_int8``).
-        batch: a :class:`KernelBatch` that collects maps over same-shaped operands instead of
-            running them; ``batch.flush()`` then runs all of them, one launch per kernel. The
+        batch: a :class:`KernelBatch` that collects maps over same-shaped operands, and
+            ``mean_sq_last_dims`` of matrices over SMALL_BCAST elements, instead of running
+            them; ``batch.flush()`` then runs all of them, one launch per kernel. The
             tensors must not be touched in between (the optimizer flushes at the end of
             ``step()``, and for a generator ``apply`` at each ``yield``), except by this
             engine: a map it runs at once, or ``mean_sq_last_dims``, on a tensor that a queued
@@ -1333,6 +1401,9 @@ class FusedEngine:
         rows = torch.empty(lead + (n, 1), dtype=self.dtype)
         cols = torch.empty(lead + (1, m), dtype=self.dtype)
         if not x.numel():
+            return rows, cols
+        if n * m > SMALL_BCAST and self.batch is not None:
+            self.batch.add_means(x, rows, cols)  # run at the next flush
             return rows, cols
         if n * m <= SMALL_BCAST:
             kernel = _sq_means_small_kernel(n, m, x.numel() >= SERIAL_BELOW)

@@ -405,83 +405,6 @@ def finite_abs_bits(x):
 # ---- helpers called from Python --------------------------------------------------------
 
 
-ROW_SPLITS = 16  # work items per matrix in sq_means_last_dims
-SMALL_MATRIX = 4096  # matrices with fewer elements are summed whole, many per work item
-SUM_RUN = 256  # rows (and row segments) summed in the element dtype before adding to float64
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def _sq_means_small(x, rows, cols, batch, n, m):
-    """sq_means_last_dims for small matrices (a conv kernel's 3x3): a work item takes whole
-    matrices, about SMALL_MATRIX elements' worth, and sums each in float64."""
-    per = max(1, SMALL_MATRIX // (n * m))
-    for w in numba.prange((batch + per - 1) // per):
-        col = np.empty(m, dtype=np.float64)
-        for b in range(w * per, min(w * per + per, batch)):
-            col[:] = 0.0
-            for j in range(n):
-                base = (b * n + j) * m
-                acc = 0.0
-                for k in range(m):
-                    v = np.float64(x[base + k])
-                    v = v * v
-                    acc += v
-                    col[k] += v
-                rows[b * n + j] = acc / m
-            for k in range(m):
-                cols[b * m + k] = col[k] / n
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def sq_means_last_dims(x, rows, cols, n, m):
-    """Row and column means of x**2 for x viewed as (batch, n, m); rows (batch*n), cols (batch*m).
-
-    One pass over x in memory order: each work item takes a band of rows, finishes their
-    row sums and adds its squares into its own column partial sums, which a short second loop
-    adds up (reading columns directly would stride through memory). The inner loop sums in
-    x's dtype, so it vectorizes at full width for float32; runs of at most SUM_RUN rows (and
-    row segments of SUM_RUN * 64 elements) are then added in float64."""
-    batch = x.size // (n * m) if n * m > 0 else 0
-    if n * m < SMALL_MATRIX:
-        _sq_means_small(x, rows, cols, batch, n, m)
-        return
-    splits = min(n, ROW_SPLITS)
-    band = (n + splits - 1) // splits if splits else 0
-    partial = np.zeros((batch * splits, m), dtype=np.float64)
-    seg = SUM_RUN * 64
-    zero = np.zeros(1, x.dtype)[0]
-    for w in numba.prange(batch * splits):
-        b = w // splits
-        r0 = (w - b * splits) * band
-        part = partial[w]
-        run = np.zeros(m, x.dtype)  # column sums of the current run of rows
-        r1 = min(r0 + band, n)
-        for j in range(r0, r1):
-            base = (b * n + j) * m
-            acc = 0.0
-            for k1 in range(0, m, seg):
-                sacc = zero
-                for k0 in range(k1, min(k1 + seg, m)):
-                    k = np.uint64(k0)
-                    v = x[np.uint64(base) + k]
-                    v = v * v
-                    sacc = add_reassoc(sacc, v)
-                    run[k] += v
-                acc += np.float64(sacc)
-            rows[b * n + j] = acc / m
-            if (j - r0) % SUM_RUN == SUM_RUN - 1 or j == r1 - 1:
-                for k0 in range(m):
-                    part[k0] += np.float64(run[k0])
-                    run[k0] = zero
-    for bk in numba.prange(batch * m):
-        b = bk // m
-        k = bk - b * m
-        acc = 0.0
-        for w in range(b * splits, b * splits + splits):
-            acc += partial[w, k]
-        cols[bk] = acc / n
-
-
 @intrinsic
 def void_ptr(typingctx, address):
     """An integer address as a ``void*`` (``numba.carray(void_ptr(a), n, dtype)``)."""
@@ -492,6 +415,172 @@ def void_ptr(typingctx, address):
         return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
 
     return types.voidptr(address), codegen
+
+
+SMALL_MATRIX = 4096  # matrices with fewer elements are summed whole, many per work item
+#: elements per work item of the means of squares (a band of rows of a large matrix, or whole
+#: small matrices): equal-sized items keep both threads busy to the end when one launch covers
+#: tensors of very different sizes (Numba splits a parallel loop's range evenly)
+BAND = 1 << 20
+SUM_RUN = 256  # rows (and row segments) summed in the element dtype before adding to float64
+
+
+@register_jitable
+def _per_item(n, m):
+    """Whole n x m matrices per work item (n * m < SMALL_MATRIX)."""
+    return max(1, BAND // (n * m))
+
+
+@register_jitable
+def _bands(n, m):
+    """Bands of rows (work items) of one n x m matrix (n * m >= SMALL_MATRIX)."""
+    return min(n, max(1, (n * m + BAND - 1) // BAND))
+
+
+@register_jitable
+def _sq_means_whole(x, rows, cols, b0, b1, n, m):
+    """Row and column means of x**2 for matrices b0..b1 of x viewed as (batch, n, m), each
+    summed whole in float64 (small matrices: a conv kernel's 3x3)."""
+    col = np.empty(m, dtype=np.float64)
+    for b in range(b0, b1):
+        col[:] = 0.0
+        for j in range(n):
+            base = (b * n + j) * m
+            acc = 0.0
+            for k in range(m):
+                v = np.float64(x[base + k])
+                v = v * v
+                acc += v
+                col[k] += v
+            rows[b * n + j] = acc / m
+        for k in range(m):
+            cols[b * m + k] = col[k] / n
+
+
+@register_jitable
+def _sq_means_band(x, rows, part, b, r0, r1, n, m):
+    """Rows r0..r1 of matrix b of x viewed as (batch, n, m): their means of x**2 into rows,
+    their column sums of x**2 added into ``part`` (float64, m).
+
+    One pass in memory order (reading columns directly would stride through memory). The
+    inner loop sums in x's dtype, so it vectorizes at full width for float32; runs of at most
+    SUM_RUN rows (and row segments of SUM_RUN * 64 elements) are then added in float64."""
+    seg = SUM_RUN * 64
+    zero = np.zeros(1, x.dtype)[0]
+    run = np.zeros(m, x.dtype)  # column sums of the current run of rows
+    for j in range(r0, r1):
+        base = (b * n + j) * m
+        acc = 0.0
+        for k1 in range(0, m, seg):
+            sacc = zero
+            for k0 in range(k1, min(k1 + seg, m)):
+                k = np.uint64(k0)
+                v = x[np.uint64(base) + k]
+                v = v * v
+                sacc = add_reassoc(sacc, v)
+                run[k] += v
+            acc += np.float64(sacc)
+        rows[b * n + j] = acc / m
+        if (j - r0) % SUM_RUN == SUM_RUN - 1 or j == r1 - 1:
+            for k0 in range(m):
+                part[k0] += np.float64(run[k0])
+                run[k0] = zero
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+def sq_means_last_dims(x, rows, cols, n, m):
+    """Row and column means of x**2 for x viewed as (batch, n, m); rows (batch*n), cols (batch*m).
+
+    Matrices under SMALL_MATRIX elements: a work item takes whole matrices, about BAND
+    elements' worth. Larger ones: each matrix is split into bands of rows of about BAND
+    elements; a band finishes its rows' means and adds its squares into its own column
+    partial sums, which a short second loop adds up."""
+    batch = x.size // (n * m) if n * m > 0 else 0
+    if n * m < SMALL_MATRIX:
+        per = _per_item(n, m)
+        for w in numba.prange((batch + per - 1) // per):
+            _sq_means_whole(x, rows, cols, w * per, min(w * per + per, batch), n, m)
+        return
+    splits = _bands(n, m)
+    band = (n + splits - 1) // splits
+    partial = np.zeros((batch * splits, m), dtype=np.float64)
+    for w in numba.prange(batch * splits):
+        b = w // splits
+        r0 = (w - b * splits) * band
+        _sq_means_band(x, rows, partial[w], b, r0, min(r0 + band, n), n, m)
+    for bk in numba.prange(batch * m):
+        b = bk // m
+        k = bk - b * m
+        acc = 0.0
+        for w in range(b * splits, b * splits + splits):
+            acc += partial[w, k]
+        cols[bk] = acc / n
+
+
+def sq_means_plan(shapes):
+    """The tables :func:`sq_means_many` takes for matrices of ``shapes`` ((batch, n, m) each,
+    n * m > 0): cumulative work items, float64 partial sums and banded columns per tensor."""
+    count = len(shapes)
+    items = np.zeros(count + 1, dtype=np.int64)
+    parts = np.zeros(count + 1, dtype=np.int64)
+    columns = np.zeros(count + 1, dtype=np.int64)
+    for t, (batch, n, m) in enumerate(shapes):
+        if n * m < SMALL_MATRIX:
+            per = _per_item(n, m)
+            work, part, cols = (batch + per - 1) // per, 0, 0
+        else:
+            work = batch * _bands(n, m)
+            part, cols = work * m, batch * m
+        items[t + 1] = items[t] + work
+        parts[t + 1] = parts[t] + part
+        columns[t + 1] = columns[t] + cols
+    return items, parts, columns
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+def sq_means_many(xs, row_at, col_at, shapes, items, parts, columns, dtype, out_dtype):
+    """:func:`sq_means_last_dims` for many tensors in one launch: tensor t has
+    ``shapes[t] = (batch, n, m)`` elements of ``dtype`` at address ``xs[t]`` and writes
+    ``out_dtype`` means at ``row_at[t]`` and ``col_at[t]``; the parallel loops run over every
+    tensor's work items (tables from :func:`sq_means_plan`), so small and large tensors share
+    the threads."""
+    partial = np.zeros(parts[-1], dtype=np.float64)
+    for it in numba.prange(items[-1]):
+        t = np.searchsorted(items, it, side="right") - 1
+        w = it - items[t]
+        batch, n, m = shapes[t, 0], shapes[t, 1], shapes[t, 2]
+        x = numba.carray(void_ptr(xs[t]), batch * n * m, dtype)
+        rows = numba.carray(void_ptr(row_at[t]), batch * n, out_dtype)
+        if n * m < SMALL_MATRIX:
+            cols = numba.carray(void_ptr(col_at[t]), batch * m, out_dtype)
+            per = _per_item(n, m)
+            _sq_means_whole(x, rows, cols, w * per, min(w * per + per, batch), n, m)
+        else:
+            splits = _bands(n, m)
+            band = (n + splits - 1) // splits
+            b = w // splits
+            r0 = (w - b * splits) * band
+            at = parts[t] + w * m
+            _sq_means_band(x, rows, partial[at:at + m], b, r0, min(r0 + band, n), n, m)
+    for c in numba.prange(columns[-1]):
+        u = np.searchsorted(columns, c, side="right") - 1
+        _finish_column(partial, parts[u], shapes[u, 0], shapes[u, 1], shapes[u, 2],
+                       c - columns[u], col_at[u], out_dtype)
+
+
+@register_jitable
+def _finish_column(partial, at, batch, n, m, bk, address, out_dtype):
+    """Column mean ``bk`` of a banded matrix from its bands' partial sums at ``partial[at:]``
+    (a function, not inline: Numba drops a parallel loop whose only effect is a store
+    through a raw pointer)."""
+    splits = _bands(n, m)
+    b = bk // m
+    k = bk - b * m
+    acc = 0.0
+    for w in range(b * splits, b * splits + splits):
+        acc += partial[at + w * m + k]
+    cols = numba.carray(void_ptr(address), batch * m, out_dtype)
+    cols[bk] = acc / n
 
 
 def nonfinite_in(a, lo, hi):
