@@ -680,6 +680,37 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
                 assert torch.equal(x, y), key
 
 
+def test_a_subclass_whose_scalars_read_the_state_gets_no_shared_scalars():
+    """scalars_from_step is a promise about ``scalars``: a subclass that overrides it (here
+    with a per-parameter step size kept in the state) does not inherit it, so each tensor
+    keeps its own scalars on the fast path; one that repeats the promise gets it."""
+    from adamkit.optimizer import _shares_scalars
+
+    class PerParameterLR(adamkit.AdamW):
+        def scalars(self, group, state):
+            s = super().scalars(group, state)
+            return s._replace(step_size=s.step_size * state.setdefault("lr_scale", 1.0))
+
+    class Promised(PerParameterLR):
+        scalars_from_step = True
+
+    assert _shares_scalars(adamkit.AdamW) and _shares_scalars(adamkit.Adam)
+    assert not _shares_scalars(PerParameterLR) and _shares_scalars(Promised)
+    assert not _shares_scalars(adamkit.NAdam)
+
+    params = [torch.zeros(50, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    opt = PerParameterLR(params, lr=0.1)
+    for p, scale in zip(params, (1.0, 0.5, 0.0)):
+        opt.state[p]["lr_scale"] = scale
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.ones(50, dtype=torch.float64)
+        opt.step()
+    moved = [float(-p.detach()[0]) for p in params]
+    assert moved[0] > 0 and moved[1] == pytest.approx(moved[0] / 2, rel=1e-12)
+    assert moved[2] == 0.0
+
+
 # kernels launched per pass of one step: FAdam's sum of g^2, clip sums, update (with int8
 # state the tensors under 4096 elements keep float32 state: a second kernel once state is read);
 # Adafactor (1-D tensors: unfactored) sums of U^2 (with the new V) and p^2, update

@@ -10,6 +10,8 @@ An algorithm subclasses :class:`Optimizer` and declares, in its own file:
   (bias corrections, bounds, ...) as a named tuple of floats and bools;
 * ``update(s, p, g, *slots)``: the per-element rule, written with arithmetic and
   :mod:`adamkit.engines.ops` only, returning the new ``(p, *slots)``;
+* optionally ``scalars_from_step = True`` when ``scalars`` reads nothing of the state but the
+  step count (a param group then computes them once per step on the fused fast path);
 * optionally ``apply(engine, s, p, g, slots)`` when the rule needs per-tensor reductions
   (FAdam, Adafactor): a short program of ``engine.map`` passes, written as a generator that
   yields each map whose sums it needs (``(total,) = yield engine.map(..., n_sums=1)``) and
@@ -24,6 +26,7 @@ the gathered rows), non-finite gradient handling, state storage dtype and engine
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from typing import Any, Callable, ClassVar, Iterable
@@ -90,7 +93,8 @@ class Optimizer(torch.optim.Optimizer):
     #: ``scalars(group, state)`` depends on nothing in ``state`` but the step count and which
     #: slots exist, and changes nothing but the step count (through ``advance_step``): the
     #: tensors of a group at the same step can then share one call (the fused engine's fast
-    #: path for repeated steps, see _GroupPlan)
+    #: path for repeated steps, see _GroupPlan). A subclass that overrides ``scalars`` does
+    #: not inherit it (it must say so again).
     scalars_from_step: ClassVar[bool] = False
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
@@ -644,6 +648,15 @@ class _Plan:
 _U64 = (1 << 64) - 1
 
 
+@functools.lru_cache(maxsize=None)
+def _shares_scalars(cls: type) -> bool:
+    """``cls.scalars_from_step``, unless ``scalars`` is overridden below the class that set it
+    (a subclass whose scalars read more of the state must not inherit the promise)."""
+    flag = next(k for k in cls.__mro__ if "scalars_from_step" in vars(k))
+    rule = next(k for k in cls.__mro__ if "scalars" in vars(k))
+    return bool(cls.scalars_from_step) and issubclass(flag, rule)
+
+
 class _Part:
     """The tensors of a :class:`_GroupPlan` that share a kernel, as the arrays a
     :class:`~adamkit.engines.fused_cpu.KernelBatch` block needs."""
@@ -672,7 +685,7 @@ class _GroupPlan:
     def record(cls, opt: Optimizer, group: dict, gi: int, plans: dict) -> "_GroupPlan | None":
         import numpy as np
 
-        if not opt.scalars_from_step:
+        if not _shares_scalars(type(opt)):
             return None
         params = list(group["params"])
         entries = []  # the plan of each parameter (None: no gradient this step)
