@@ -590,6 +590,39 @@ def test_repeated_steps_take_the_fast_path_and_notice_every_change(count_fused):
     step(1)  # contiguous again: parameter 0 takes the full path once more
     grads()
     step(0)
+    exp_avg = opt.state[ours[2]]["exp_avg"]
+    exp_avg.set_(exp_avg.clone())  # the same state object on new storage
+    grads()
+    step(1)
+    grads()
+    step(0)
+
+
+def test_fast_path_notices_8bit_state_moved_to_new_storage():
+    """A BlockQuantized slot whose codes or scales are replaced (same object, new storage)
+    sends its parameter down the full path: the kernel must write where the state now is.
+    Against the same steps without the replacement (codes rounded to nearest: identical)."""
+    def run(replace):
+        gen = torch.Generator().manual_seed(8)
+        params = [torch.randn(5000, generator=gen).requires_grad_() for _ in range(2)]
+        opt = adamkit.AdamW(params, lr=0.01, state_dtype="int8")
+        opt.round_int8_stochastically = False
+        for step in range(5):
+            for p in params:
+                p.grad = torch.randn(5000, generator=gen)
+            if replace and step in (2, 3):
+                q = opt.state[params[1]]["exp_avg_sq" if step == 2 else "exp_avg"]
+                if step == 2:
+                    q.codes = q.codes.clone()
+                else:
+                    q.absmax = q.absmax.clone()
+            opt.step()
+        return [(opt.state[p][k].codes, opt.state[p][k].absmax, p.detach())
+                for p in params for k in ("exp_avg", "exp_avg_sq")]
+
+    for a, b in zip(run(True), run(False)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("config", ["float32-int8", "bfloat16-sr"])

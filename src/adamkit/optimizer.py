@@ -584,7 +584,7 @@ class _Plan:
     path, which records a new plan.
     """
 
-    __slots__ = ("address", "dtype", "shape", "names", "slots", "slot_addresses", "maximize",
+    __slots__ = ("address", "dtype", "shape", "names", "slots", "checks", "maximize",
                  "settings", "last")
 
     @classmethod
@@ -601,7 +601,9 @@ class _Plan:
         plan.names = opt.state_slots(group, p)
         state = opt.state[p]
         plan.slots = tuple(state[name] for name in plan.names)
-        plan.slot_addresses = tuple(_addresses(v) for v in plan.slots)
+        # per slot: (name, object, quantized, address, second address)
+        plan.checks = tuple((name, v, isinstance(v, BlockQuantized), *_addresses(v), 0)[:5]
+                            for name, v in zip(plan.names, plan.slots))
         plan.maximize = group["maximize"]
         plan.settings = (opt.state_dtype, opt.stochastic_rounding, opt.round_int8_stochastically)
         plan.last = last
@@ -624,9 +626,13 @@ class _Plan:
         state = opt.state[p]
         if opt.state_slots(group, p) != self.names:
             return None
-        for name, value, addresses in zip(self.names, self.slots, self.slot_addresses):
-            current = state.get(name)
-            if current is not value or _addresses(current) != addresses:
+        for name, value, quantized, address, second in self.checks:
+            if state.get(name) is not value:
+                return None
+            if quantized:
+                if value.codes.data_ptr() != address or value.absmax.data_ptr() != second:
+                    return None
+            elif value.data_ptr() != address:
                 return None
         return state
 
