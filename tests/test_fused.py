@@ -628,13 +628,15 @@ def test_fast_path_notices_8bit_state_moved_to_new_storage():
 @pytest.mark.parametrize("config", ["float32-int8", "bfloat16-sr"])
 @pytest.mark.parametrize("name,kwargs", [
     ("adamw", dict(weight_decay=0.1)), ("radam", dict()), ("sgd", dict(momentum=0.9)),
-    ("lion", dict()), ("adagrad", dict()), ("rmsprop", dict(centered=True))])
+    ("lion", dict()), ("adagrad", dict()), ("rmsprop", dict(centered=True)),
+    ("nadam", dict(weight_decay=0.1))])
 def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, config,
                                                                   monkeypatch):
     """From a param group's second step its maps are added as one block per kernel, with the
     scalars computed once per step count (optimizer._GroupPlan). Bitwise against the same
     steps with that path switched off (each tensor then repeats its own _Plan), so scalars,
-    step counts and stochastic-rounding seeds must all be the same: int8 state rounded
+    step counts, NAdam's per-parameter mu_product (shared through scalars_key and
+    share_scalars) and stochastic-rounding seeds must all be the same: int8 state rounded
     stochastically (tensors under and over 4096 elements: two kernels in one group), or
     bfloat16 parameters rounded stochastically; two groups; a parameter that sits two steps
     out and comes back a step count behind (two counts in one group: RAdam's rectified and
@@ -682,6 +684,8 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
         step()  # two step counts in group 0
         for group in opt.param_groups:
             group["lr"] *= 0.5
+        if name == "nadam":  # a product unlike its group's at the same step count
+            opt.state[groups[1][0]]["mu_product"] *= 0.9
         step()
         opt.param_groups[1]["maximize"] = True
         step()  # group 1 per tensor (settings changed)
@@ -729,7 +733,7 @@ def test_a_subclass_whose_scalars_read_the_state_gets_no_shared_scalars():
 
     assert _shares_scalars(adamkit.AdamW) and _shares_scalars(adamkit.Adam)
     assert not _shares_scalars(PerParameterLR) and _shares_scalars(Promised)
-    assert not _shares_scalars(adamkit.NAdam)
+    assert _shares_scalars(adamkit.NAdam)
 
     params = [torch.zeros(50, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     opt = PerParameterLR(params, lr=0.1)

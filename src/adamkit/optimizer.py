@@ -90,11 +90,12 @@ class Optimizer(torch.optim.Optimizer):
     #: 8-bit state is stored with stochastic rounding (unbiased moving averages); set False on
     #: an instance to round to nearest (both engines then agree bit for bit)
     round_int8_stochastically: bool = True
-    #: ``scalars(group, state)`` depends on nothing in ``state`` but the step count and which
-    #: slots exist, and changes nothing but the step count (through ``advance_step``): the
-    #: tensors of a group at the same step can then share one call (the fused engine's fast
-    #: path for repeated steps, see _GroupPlan). A subclass that overrides ``scalars`` does
-    #: not inherit it (it must say so again).
+    #: ``scalars(group, state)`` depends on nothing in ``state`` but the step count, which
+    #: slots exist and ``scalars_key(state)``, and changes nothing in it but the step count
+    #: (through ``advance_step``) and what ``share_scalars`` repeats: the tensors of a group
+    #: with the same step count and key can then share one call (the fused engine's fast path
+    #: for repeated steps, see _GroupPlan). A subclass that overrides ``scalars`` does not
+    #: inherit it (it must say so again).
     scalars_from_step: ClassVar[bool] = False
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
@@ -103,6 +104,16 @@ class Optimizer(torch.optim.Optimizer):
     def state_slots(self, group: dict, p: Tensor) -> tuple[str, ...]:
         """The slots this group keeps for ``p`` (default: all of ``slot_names``)."""
         return self.slot_names
+
+    def scalars_key(self, state: dict):
+        """What ``scalars`` reads from ``state`` besides the step count (see
+        ``scalars_from_step``; default: nothing)."""
+        return None
+
+    def share_scalars(self, state: dict, first: dict) -> None:
+        """Do to ``state`` what ``scalars`` did to ``first`` besides advancing its step count,
+        for a tensor that shares ``first``'s scalars (same step count and ``scalars_key``;
+        default: nothing)."""
 
     def slot_fill(self, group: dict, name: str) -> float:
         """Initial value of a slot (default 0)."""
@@ -677,7 +688,8 @@ class _GroupPlan:
     the step count and which slots exist (``Optimizer.scalars_from_step``).
 
     :meth:`repeat` still runs every tensor's :meth:`_Plan.unchanged_state` check, but calls
-    ``scalars`` once per distinct step count instead of once per tensor, and adds the group's
+    ``scalars`` once per distinct step count (and ``scalars_key``) instead of once per
+    tensor, and adds the group's
     maps to the batch as one block of ready-made arrays per kernel (new gradient addresses,
     scalars and seeds filled in with array operations) instead of one entry per tensor. A
     small model's step is mostly this per-tensor Python time. Anything it does not cover
@@ -770,31 +782,35 @@ class _GroupPlan:
                 return False
             states.append(state)
             grads.append(g)
-        # the scalars, once per distinct step count (the tensors of a group usually share one)
+        # the scalars, once per distinct step count and scalars_key (the tensors of a group
+        # usually share one)
         pending = opt._pending_steps
         found: dict = {}
         which = []  # per tensor, its index in ``found``
         for state in states:
             step = state.get("step")
-            key = None if step is None else float(step)
+            count = None if step is None else float(step)
+            key = (count, opt.scalars_key(state))
             entry = found.get(key)
             if entry is None:
                 opt._last_step = None
                 s = opt.scalars(group, state)
                 advanced = opt._last_step  # None: this rule keeps no step count
                 count = int(advanced) if advanced is not None else (
-                    opt._steps_taken if step is None else int(key))
-                entry = found[key] = (len(found), s, count, advanced is not None)
-            elif entry[3]:  # what scalars() did for the first one, for this one
-                if step is None:
-                    opt.advance_step(state)
-                else:
-                    pending.append(step)
+                    opt._steps_taken if step is None else int(count))
+                entry = found[key] = (len(found), s, count, advanced is not None, state)
+            else:  # what scalars() did for the first one, for this one
+                if entry[3]:
+                    if step is None:
+                        opt.advance_step(state)
+                    else:
+                        pending.append(step)
+                opt.share_scalars(state, entry[4])
             which.append(entry[0])
         addresses = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
         for part in self.parts:
             chosen = part.positions
-            for index, s, count, _ in found.values():
+            for index, s, count, _, _ in found.values():
                 if len(found) == 1:
                     select = None
                     k = len(chosen)

@@ -50,6 +50,7 @@ class NAdam(Optimizer):
         "maximize": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq")
+    scalars_from_step = True
     nonnegative_slots = ("exp_avg_sq",)
     supports_complex = True
 
@@ -75,6 +76,19 @@ class NAdam(Optimizer):
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
+
+    # scalars() multiplies the parameter's mu_product by the step's mu: tensors whose
+    # products are equal share one call, and the others copy its result (exactly what their
+    # own multiplication would give)
+    def scalars_key(self, state):
+        mu_product = state.get("mu_product")
+        return None if mu_product is None else float(mu_product)
+
+    def share_scalars(self, state, first):
+        if "mu_product" in state:
+            state["mu_product"].copy_(first["mu_product"])
+        else:
+            state["mu_product"] = first["mu_product"].clone()
 
     def scalars(self, group, state) -> NAdamScalars:
         t = self.advance_step(state)
