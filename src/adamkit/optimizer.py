@@ -11,7 +11,9 @@ An algorithm subclasses :class:`Optimizer` and declares, in its own file:
 * ``update(s, p, g, *slots)``: the per-element rule, written with arithmetic and
   :mod:`adamkit.engines.ops` only, returning the new ``(p, *slots)``;
 * optionally ``scalars_from_step = True`` when ``scalars`` reads nothing of the state but the
-  step count (a param group then computes them once per step on the fused fast path);
+  step count (a param group then computes them once per step on the fused fast path), with
+  ``scalars_key``/``share_scalars`` where it also reads and updates per-parameter values
+  (NAdam's ``mu_product``);
 * optionally ``apply(engine, s, p, g, slots)`` when the rule needs per-tensor reductions
   (FAdam, Adafactor): a short program of ``engine.map`` passes, written as a generator that
   yields each map whose sums it needs (``(total,) = yield engine.map(..., n_sums=1)``) and
