@@ -497,8 +497,7 @@ class Optimizer(torch.optim.Optimizer):
             count = int(self._last_step)
         else:
             count = int(float(state["step"])) if "step" in state else self._steps_taken
-        return (count * 0x9E3779B1 + p.numel() + (where[0] * 7919 + where[1]) * 0x632BE5AB) \
-            & 0x3FFFFFFF
+        return (count * _SEED_STEP + _seed_base(p.numel(), where)) & _SEED_MASK
 
     def _apply_sparse(self, engine, s, p: Tensor, grad: Tensor, slots: dict[str, Tensor]) -> None:
         # The rule runs on the rows the gradient touches; other rows and their state are left
@@ -665,6 +664,14 @@ class _Plan:
 
 
 _U64 = (1 << 64) - 1
+# stochastic-rounding seeds: (count * _SEED_STEP + _seed_base(numel, (group, index))) masked,
+# a different stream per step, tensor size and position (Optimizer._seed, _GroupPlan)
+_SEED_STEP = 0x9E3779B1
+_SEED_MASK = 0x3FFFFFFF
+
+
+def _seed_base(numel: int, where: tuple[int, int]) -> int:
+    return numel + (where[0] * 7919 + where[1]) * 0x632BE5AB
 
 
 @functools.lru_cache(maxsize=None)
@@ -736,21 +743,11 @@ class _GroupPlan:
             part.positions = [m[0] for m in members]
             part.ns = np.array([m[3].last[1] for m in members], dtype=np.int64)
             part.seed_bases = np.array(
-                [(p.numel() + (gi * 7919 + pi) * 0x632BE5AB) & _U64 for _, pi, p, _ in members],
+                [_seed_base(p.numel(), (gi, pi)) & _U64 for _, pi, p, _ in members],
                 dtype=np.uint64)
-            # the operand tables in kernel argument order (see KernelBatch.flush)
-            part.columns = []
-            part.grad_column = None
-            for j, kind in enumerate(kinds):
-                if kind == "none":
-                    continue
-                if j == 1:
-                    part.grad_column = len(part.columns)
-                part.columns.append(np.array([m[3].last[2][j][0] for m in members],
-                                             dtype=np.float64 if kind == "num" else np.uint64))
-                if kind in ("q8s", "q8u"):
-                    part.columns.append(np.array([m[3].last[2][j][1] for m in members],
-                                                 dtype=np.uint64))
+            # the operand tables in kernel argument order; operand 1 is the gradient
+            part.columns = fused_cpu.operand_columns(kinds, [m[3].last[2] for m in members])
+            part.grad_column = fused_cpu.operand_column(kinds, 1)
             part.writes = [m[3].last[2][j][0] for m in members for _, j in stores]
             self.parts.append(part)
         return self
@@ -825,8 +822,8 @@ class _GroupPlan:
                 values = np.array(tuple(s), dtype=np.float64)
                 svs = np.empty((k, values.size), dtype=np.float64)
                 svs[:] = values
-                seeds = ((part.seed_bases + np.uint64((count * 0x9E3779B1) & _U64))
-                         & np.uint64(0x3FFFFFFF)).astype(np.int64)
+                seeds = ((part.seed_bases + np.uint64((count * _SEED_STEP) & _U64))
+                         & np.uint64(_SEED_MASK)).astype(np.int64)
                 columns = list(part.columns)
                 if part.grad_column is not None:
                     columns[part.grad_column] = addresses[chosen]

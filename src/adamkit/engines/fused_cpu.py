@@ -928,7 +928,7 @@ def _load_module(source: str, module_sources: Sequence[str] = ()):
 def _sq_means_small_kernel(rows: int, cols: int, parallel: bool) -> Callable:
     """A kernel for the row and column means of x**2 over small (rows, cols) matrices (a conv
     kernel's 3x3), with their sizes compiled in: ``kernel(x, row_means, col_means, batch)``.
-    Sums are taken in float64 in the order of numba_ops.sq_means_last_dims' small path."""
+    Sums are taken in float64 in the order of numba_ops.sq_means_many's whole matrices."""
     key = ("sq_means_small", rows, cols, parallel)
     kernel = _KERNELS.get(key)
     if kernel is not None:
@@ -1025,6 +1025,29 @@ def _collapse_strides(t: Tensor, shape: torch.Size) -> tuple[int, int, int] | No
     return (batch_stride or 0, strides[-2], strides[-1])
 
 
+def _sq_means(means: dict) -> None:
+    """Fill, for each ``(x, rows, cols)`` listed under ``(x dtype, means dtype)``, ``rows`` and
+    ``cols`` with the row and column means of ``x**2`` over its last two dimensions: one launch
+    per dtype pair (x contiguous float32 or float64, at least one element)."""
+    import numpy as np
+
+    from . import numba_ops
+
+    element = {torch.float32: np.float32, torch.float64: np.float64}
+    for (dtype, out_dtype), queued in means.items():
+        shapes = np.array([(x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2],
+                            x.shape[-1]) for x, _, _ in queued], dtype=np.int64)
+        address = [np.array([t.data_ptr() for t in column], dtype=np.uint64)
+                   for column in zip(*queued)]
+        args = (*address, shapes, *numba_ops.sq_means_plan(shapes.tolist()),
+                element[dtype], element[out_dtype])
+        if _serialize_calls():
+            with _lock:
+                numba_ops.sq_means_many(*args)
+        else:
+            numba_ops.sq_means_many(*args)
+
+
 class Pending:
     """The sums of a map deferred to a :class:`KernelBatch`; ``value`` is set by ``flush()``.
 
@@ -1041,6 +1064,31 @@ class Pending:
         raise TypeError("the sums of a batched map are known only after the step's other "
                         "tensors reach the same pass: yield the map in a generator apply, "
                         "as in `(total,) = yield engine.map(...)`")
+
+
+def operand_columns(kinds: Sequence[str], operands: Sequence[list]) -> list:
+    """The operand tables a multi-tensor kernel takes, in argument order, from each map's
+    operands (``(address or number, second address)`` per operand, as KernelBatch stores
+    them): one array per operand, two for 8-bit state (codes, scales), none for "none"."""
+    import numpy as np
+
+    columns = []
+    for j, kind in enumerate(kinds):
+        if kind == "none":
+            continue
+        columns.append(np.array([ops[j][0] for ops in operands],
+                                dtype=np.float64 if kind == "num" else np.uint64))
+        if kind in ("q8s", "q8u"):
+            columns.append(np.array([ops[j][1] for ops in operands], dtype=np.uint64))
+    return columns
+
+
+def operand_column(kinds: Sequence[str], j: int) -> int | None:
+    """Where operand ``j``'s (first) table is in :func:`operand_columns` (None: it has none)."""
+    if kinds[j] == "none":
+        return None
+    return sum(0 if kind == "none" else 2 if kind in ("q8s", "q8u") else 1
+               for kind in kinds[:j])
 
 
 class KernelBatch:
@@ -1080,25 +1128,6 @@ class KernelBatch:
         self._means.setdefault((x.dtype, rows.dtype), []).append((x, rows, cols))
         self.writes.update((rows.data_ptr(), cols.data_ptr()))
 
-    def _run_means(self, means: dict) -> None:
-        import numpy as np
-
-        from . import numba_ops
-
-        element = {torch.float32: np.float32, torch.float64: np.float64}
-        for (dtype, out_dtype), queued in means.items():
-            shapes = np.array([(x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2],
-                                x.shape[-1]) for x, _, _ in queued], dtype=np.int64)
-            address = [np.array([t.data_ptr() for t in column], dtype=np.uint64)
-                       for column in zip(*queued)]
-            args = (*address, shapes, *numba_ops.sq_means_plan(shapes.tolist()),
-                    element[dtype], element[out_dtype])
-            if _serialize_calls():
-                with _lock:
-                    numba_ops.sq_means_many(*args)
-            else:
-                numba_ops.sq_means_many(*args)
-
     def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep,
             sums: Pending | None = None) -> None:
         # ``keep`` holds the operand tensors so their memory outlives the addresses
@@ -1136,22 +1165,13 @@ class KernelBatch:
         """(svs, ns, seeds, columns) of maps added one by one."""
         import numpy as np
 
-        kinds, fields = spec[1], spec[6]
-        if fields:
+        if spec[6]:  # fields
             svs = np.array([e[0] for e in entries], dtype=np.float64)
         else:
             svs = np.zeros((len(entries), 0), dtype=np.float64)
         ns = np.array([e[1] for e in entries], dtype=np.int64)
         seeds = np.array([e[2] for e in entries], dtype=np.int64)
-        columns = []
-        for j, kind in enumerate(kinds):
-            if kind == "none":
-                continue
-            columns.append(np.array([e[3][j][0] for e in entries],
-                                    dtype=np.float64 if kind == "num" else np.uint64))
-            if kind in ("q8s", "q8u"):
-                columns.append(np.array([e[3][j][1] for e in entries], dtype=np.uint64))
-        return svs, ns, seeds, columns
+        return svs, ns, seeds, operand_columns(spec[1], [e[3] for e in entries])
 
     def flush(self) -> None:
         import numpy as np
@@ -1161,7 +1181,7 @@ class KernelBatch:
         means, self._means = self._means, {}
         self.writes = set()
         if means:  # the maps queued after them may read them
-            self._run_means(means)
+            _sq_means(means)
         for spec in list(groups) + [spec for spec in blocks if spec not in groups]:
             (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
              n_sums, outcomes) = spec
@@ -1394,24 +1414,20 @@ class FusedEngine:
         self._after_queued_writes((x,))
         if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 2:
             return ReferenceEngine(self.param_dtype).mean_sq_last_dims(x)
-        from . import numba_ops
-
         n, m = x.shape[-2], x.shape[-1]
         lead = tuple(x.shape[:-2])
         rows = torch.empty(lead + (n, 1), dtype=self.dtype)
         cols = torch.empty(lead + (1, m), dtype=self.dtype)
         if not x.numel():
             return rows, cols
-        if n * m > SMALL_BCAST and self.batch is not None:
-            self.batch.add_means(x, rows, cols)  # run at the next flush
+        if n * m > SMALL_BCAST:
+            if self.batch is not None:
+                self.batch.add_means(x, rows, cols)  # run at the next flush
+            else:
+                _sq_means({(x.dtype, rows.dtype): [(x, rows, cols)]})
             return rows, cols
-        if n * m <= SMALL_BCAST:
-            kernel = _sq_means_small_kernel(n, m, x.numel() >= SERIAL_BELOW)
-            sizes = (x.numel() // (n * m),)
-        else:
-            kernel = numba_ops.sq_means_last_dims
-            sizes = (n, m)
-        args = (_numpy(x), rows.view(-1).numpy(), cols.view(-1).numpy(), *sizes)
+        kernel = _sq_means_small_kernel(n, m, x.numel() >= SERIAL_BELOW)
+        args = (_numpy(x), rows.view(-1).numpy(), cols.view(-1).numpy(), x.numel() // (n * m))
         if _serialize_calls():
             with _lock:
                 kernel(*args)

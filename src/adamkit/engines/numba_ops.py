@@ -487,36 +487,6 @@ def _sq_means_band(x, rows, part, b, r0, r1, n, m):
                 run[k0] = zero
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def sq_means_last_dims(x, rows, cols, n, m):
-    """Row and column means of x**2 for x viewed as (batch, n, m); rows (batch*n), cols (batch*m).
-
-    Matrices under SMALL_MATRIX elements: a work item takes whole matrices, about BAND
-    elements' worth. Larger ones: each matrix is split into bands of rows of about BAND
-    elements; a band finishes its rows' means and adds its squares into its own column
-    partial sums, which a short second loop adds up."""
-    batch = x.size // (n * m) if n * m > 0 else 0
-    if n * m < SMALL_MATRIX:
-        per = _per_item(n, m)
-        for w in numba.prange((batch + per - 1) // per):
-            _sq_means_whole(x, rows, cols, w * per, min(w * per + per, batch), n, m)
-        return
-    splits = _bands(n, m)
-    band = (n + splits - 1) // splits
-    partial = np.zeros((batch * splits, m), dtype=np.float64)
-    for w in numba.prange(batch * splits):
-        b = w // splits
-        r0 = (w - b * splits) * band
-        _sq_means_band(x, rows, partial[w], b, r0, min(r0 + band, n), n, m)
-    for bk in numba.prange(batch * m):
-        b = bk // m
-        k = bk - b * m
-        acc = 0.0
-        for w in range(b * splits, b * splits + splits):
-            acc += partial[w, k]
-        cols[bk] = acc / n
-
-
 def sq_means_plan(shapes):
     """The tables :func:`sq_means_many` takes for matrices of ``shapes`` ((batch, n, m) each,
     n * m > 0): cumulative work items, float64 partial sums and banded columns per tensor."""
@@ -539,11 +509,15 @@ def sq_means_plan(shapes):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
 def sq_means_many(xs, row_at, col_at, shapes, items, parts, columns, dtype, out_dtype):
-    """:func:`sq_means_last_dims` for many tensors in one launch: tensor t has
-    ``shapes[t] = (batch, n, m)`` elements of ``dtype`` at address ``xs[t]`` and writes
-    ``out_dtype`` means at ``row_at[t]`` and ``col_at[t]``; the parallel loops run over every
-    tensor's work items (tables from :func:`sq_means_plan`), so small and large tensors share
-    the threads."""
+    """Row and column means of x**2 for many tensors x viewed as (batch, n, m), in one launch:
+    tensor t has ``shapes[t] = (batch, n, m)`` elements of ``dtype`` at address ``xs[t]`` and
+    writes ``out_dtype`` means at ``row_at[t]`` (batch*n) and ``col_at[t]`` (batch*m).
+
+    Matrices under SMALL_MATRIX elements: a work item takes whole matrices, about BAND
+    elements' worth. Larger ones are split into bands of rows of about BAND elements; a band
+    finishes its rows' means and adds its squares into its own column partial sums, which a
+    second loop adds up. The parallel loops run over every tensor's work items (tables from
+    :func:`sq_means_plan`), so small and large tensors share the threads."""
     partial = np.zeros(parts[-1], dtype=np.float64)
     for it in numba.prange(items[-1]):
         t = np.searchsorted(items, it, side="right") - 1
