@@ -250,14 +250,23 @@ def test_batched_means_of_squares_run_in_one_launch_before_the_maps(monkeypatch)
         assert _rel(rows, sq.mean(dim=-1, keepdim=True)) <= tol
         assert _rel(cols, sq.mean(dim=-2, keepdim=True)) <= tol
         assert torch.equal(copy, rows)
-    # a map run at once (broadcast operands) on a deferred result flushes the batch first
+    # a map of row and column factors (the mfact layout) queued after them reads them too
     engine = fused_cpu.FusedEngine(torch.float64, batch=batch, batch_sums=True)
-    x = torch.randn(30, 40, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 30, 40, generator=gen, dtype=torch.float64)
     rows, cols = engine.mean_sq_last_dims(x)
-    out = torch.empty(30, 40, dtype=torch.float64)
+    out = torch.empty(2, 30, 40, dtype=torch.float64)
     engine.map(_product, _Unused(0.0), [rows, cols, out], [out])
+    assert len(launches) == 2
+    batch.flush()
+    assert len(launches) == 3
     sq = x ** 2
     assert _rel(out, sq.mean(dim=-1, keepdim=True) * sq.mean(dim=-2, keepdim=True)) <= 1e-13
+    # a map run at once (its operands broadcast in a way no batched layout takes: one
+    # matrix's column means against both matrices) on a deferred result flushes first
+    rows, cols = engine.mean_sq_last_dims(x)
+    engine.map(_product, _Unused(0.0), [rows, cols[:1], out], [out])
+    assert len(launches) == 4
+    assert _rel(out, sq.mean(dim=-1, keepdim=True) * sq[:1].mean(dim=-2, keepdim=True)) <= 1e-13
 
 
 @pytest.mark.parametrize("shape,others", [
@@ -296,6 +305,73 @@ def test_broadcast_maps_match_reference(shape, others, dtype, tol):
             assert _rel(fused, p.to(dtype)) > 1e-4  # the map did write
             for got, want in zip(sums, ref_sums):
                 assert abs(got - want) <= tol * abs(want), (a_shape, b_shape, got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_factored_maps_of_many_matrices_run_in_one_launch(dtype):
+    """Maps of row and column factors against matrices (Adafactor's) are queued in a
+    KernelBatch and run as one launch for all matrices (the mfact layout): the stored results
+    equal the per-tensor broadcast kernel's bit for bit, also with bfloat16 parameters rounded
+    stochastically (the same random bits per element) and a negated gradient; the sums agree
+    with float64 ones. Shapes: rows longer than a work item, one row, 3-wide rows, a batch of
+    matrices, a column factor given 1-D; a small matrix and a factor shared by a batch are not
+    taken (they run at once)."""
+    from adamkit.algorithms.adafactor import AdafactorScalars, _apply_update, _update_sq
+
+    s = AdafactorScalars(lr=0.01, one_minus_beta2=0.2, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
+                         weight_decay=0.1, step_size=0.003, max_rsqrt=50.0)
+    assert 20000 > fused_cpu.CHUNK
+    cases = [((300, 40), (300, 1), (1, 40)), ((3, 20000), (3, 1), (1, 20000)),
+             ((1, 5000), (1, 1), (1, 5000)), ((40000, 3), (40000, 1), (1, 3)),
+             ((2, 70, 30), (2, 70, 1), (2, 1, 30)), ((50, 64), (50, 1), (64,)),
+             ((4, 4), (4, 1), (1, 4)), ((2, 30, 20), (2, 30, 1), (1, 1, 20))]
+    gen = torch.Generator().manual_seed(12)
+
+    def operands():
+        made = []
+        for shape, a_shape, b_shape in cases:
+            p, g = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+            a, b = (torch.rand(sh, generator=gen, dtype=torch.float64) * 10 + 0.1
+                    for sh in (a_shape, b_shape))
+            made.append((p.to(dtype), g.to(dtype), a, b))
+        return made
+
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    made = operands()
+    results = {}
+    for batched in (True, False):
+        batch = fused_cpu.KernelBatch() if batched else None
+        sums, outs = [], []
+        for i, (p, g, a, b) in enumerate(made):
+            q, h, x, y = p.clone(), g.clone(), a.to(compute), b.to(compute)
+            engine = fused_cpu.FusedEngine(dtype, negate=h, seed=1000 + i, batch=batch,
+                                           batch_sums=True, stochastic_bf16=True)
+            sums.append(engine.map(_update_sq, s, [q, h, x, y], [], n_sums=2))
+            engine.map(_apply_update, s, [q, h, x, y], [q])
+            outs.append(q)
+        if batched:
+            # the six factored cases queued (one kernel per rule and operand roles: the one-row
+            # matrix's column factor has the matrix's shape); the last two ran at once
+            queued = {}
+            for spec, entries in batch._groups.items():
+                assert spec[5][0] == "mfact"
+                queued[spec[0]] = queued.get(spec[0], 0) + len(entries)
+            assert queued == {_update_sq: 6, _apply_update: 6}
+            assert len(batch._groups) == 4
+            batch.flush()
+            sums = [list(x.value) if isinstance(x, fused_cpu.Pending) else x for x in sums]
+        results[batched] = (sums, outs)
+    (sums, outs), (sums_1, outs_1) = results[True], results[False]
+    for i, (p, g, a, b) in enumerate(made):
+        assert torch.equal(outs[i], outs_1[i]), cases[i]
+        assert not torch.equal(outs[i], p), cases[i]  # the map did write
+        # the sums against float64 (the gradient negated: squares do not care)
+        x, y = a.to(compute).double(), b.to(compute).double()
+        u = g.double() * torch.minimum(x * y, torch.tensor(50.0, dtype=torch.float64))
+        want = [float((u * u).sum()), float((p.double() ** 2).sum())]
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for got, got_1, w in zip(sums[i], sums_1[i], want):
+            assert abs(got - w) <= tol * w and abs(got_1 - w) <= tol * w, (cases[i], got, w)
 
 
 def test_parameters_move():

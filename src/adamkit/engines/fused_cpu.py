@@ -551,14 +551,21 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
     ``last_strides``: for the bcast layout, each operand's stride along the last dimension when
     it is 0 or 1 (compiled in, so the inner loop vectorizes), None when it is a runtime value;
     ``small``: for the bcast layout over small matrices, ``(rows, cols, strides)`` compiled in
-    (``strides``: each operand's (batch, row, column) strides, None for non-arrays)."""
+    (``strides``: each operand's (batch, row, column) strides, None for non-arrays).
+    ``layout`` is ``("mfact", roles)`` for the multi-tensor layout of maps that broadcast
+    factors against matrices (see :func:`factor_roles`)."""
     E = "np.float32" if dtype == "float32" else "np.float64"
-    multi = layout in ("mflat", "mblock")
+    roles = None
+    if isinstance(layout, tuple):
+        layout, roles = layout
+    multi = layout in ("mflat", "mblock", "mfact")
     if multi:
         # one launch for many tensors: per-tensor scalars, sizes, seeds and operand addresses
         # in tables; the iteration space is every tensor's chunks of CHUNK elements. Sums are
         # written per chunk (``part``, one row per chunk) and added up per tensor by the caller.
         args = ["svs", "ns", "starts", "seeds", "sr_b16", "sr_q8"] + (["part"] if n_sums else [])
+        if layout == "mfact":
+            args += ["ms", "nns"]  # per tensor: columns, and rows per matrix
     else:
         args = ["sv", "n", "seed", "sr_b16", "sr_q8"]
     if layout == "bcast":
@@ -593,6 +600,9 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         return "_E(0.0)"
 
     def index(j, flat_index):
+        if roles is not None and kinds[j] in _FLOAT_ARRAYS:
+            # full: the element's own index; row: its row's; col: its column's in its matrix
+            return {"full": flat_index, "row": "ri", "col": "cb + kk"}[roles[j]]
         if small is not None and kinds[j] in _FLOAT_ARRAYS:
             terms = [f"{v} * {s_}" for v, s_ in zip(("bb", "jj", "kk"), small[2][j]) if s_]
             return " + ".join(f"np.uint64({t})" for t in terms) or "np.uint64(0)"
@@ -701,9 +711,16 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         out.append("        n = ns[t]")
         out.append("        seed = seeds[t]")
         out.append("        first = (c - starts[t]) * CHUNK")
+        if layout == "mfact":
+            out += ["        m = ms[t]",
+                    "        nn = nns[t]",
+                    # whole rows, about CHUNK elements' worth (the rows' count is n // m)
+                    "        rb = max(1, CHUNK // m)",
+                    "        row0 = (c - starts[t]) * rb"]
         for j, kind in enumerate(kinds):
             if kind in _FLOAT_ARRAYS:
-                out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), n)")
+                size = {"row": "n // m", "col": "n // nn"}.get(roles[j], "n") if roles else "n"
+                out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), {size})")
             elif kind in ("q8s", "q8u"):
                 out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), n)")
                 out.append(f"        x{j} = numba.carray(_ptr_f32(px{j}[t]), "
@@ -715,6 +732,18 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             out.append("        for i0 in range(first, min(first + CHUNK, n)):")
             out.append("            i = np.uint64(i0)")
             out.append(body(12, "i"))
+            out += [f"        {finish_sum(q)}" for q in range(n_sums)]
+        elif layout == "mfact":
+            # unsigned indices (see block_group); the flat index is the element's, so
+            # stochastic rounding draws what the per-tensor bcast kernel draws
+            out += [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
+            out += ["        for row in range(row0, min(row0 + rb, n // m)):",
+                    "            ri = np.uint64(row)",
+                    "            fb = np.uint64(row * m)",
+                    "            cb = np.uint64((row // nn) * m)",
+                    "            for kk0 in range(m):",
+                    "                kk = np.uint64(kk0)",
+                    body(16, "fb + kk")]
             out += [f"        {finish_sum(q)}" for q in range(n_sums)]
         else:  # CHUNK = GROUP blocks: a chunk is one group of the tensor's blocks
             out.append(f"        nblk = (n + {BLOCK - 1}) // {BLOCK}")
@@ -1025,6 +1054,33 @@ def _collapse_strides(t: Tensor, shape: torch.Size) -> tuple[int, int, int] | No
     return (batch_stride or 0, strides[-2], strides[-1])
 
 
+def factor_roles(ins: Sequence, kinds: Sequence[str], shape: tuple) -> tuple | None:
+    """How each operand of a map broadcast to ``shape`` (at least 2-D) is indexed, when the
+    multi-tensor ``mfact`` layout covers it: "full" (the shape itself), "row" (``(..., n, 1)``,
+    a row factor), "col" (``(..., 1, m)``, a column factor) or None (not an array); None
+    where an operand broadcasts otherwise. Operands are contiguous (``map`` checked)."""
+    lead, n, m = tuple(shape[:-2]), shape[-2], shape[-1]
+    roles = []
+    for t, kind in zip(ins, kinds):
+        if kind not in _FLOAT_ARRAYS:
+            roles.append(None)
+            continue
+        sh = tuple(t.shape)
+        if len(sh) < len(shape):
+            sh = (1,) * (len(shape) - len(sh)) + sh
+        if sh == shape:
+            roles.append("full")
+        elif sh[:-2] != lead:
+            return None
+        elif sh[-2:] == (n, 1):
+            roles.append("row")
+        elif sh[-2:] == (1, m):
+            roles.append("col")
+        else:
+            return None
+    return tuple(roles)
+
+
 def _sq_means(means: dict) -> None:
     """Fill, for each ``(x, rows, cols)`` listed under ``(x dtype, means dtype)``, ``rows`` and
     ``cols`` with the row and column means of ``x**2`` over its last two dimensions: one launch
@@ -1129,10 +1185,13 @@ class KernelBatch:
         self.writes.update((rows.data_ptr(), cols.data_ptr()))
 
     def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep,
-            sums: Pending | None = None) -> None:
-        # ``keep`` holds the operand tensors so their memory outlives the addresses
-        self._groups.setdefault(spec, []).append((values, n, seed, operands, keep, sums))
-        self.last = (spec, n, operands)
+            sums: Pending | None = None, dims: tuple[int, int] | None = None) -> None:
+        """Queue one map. ``keep`` holds the operand tensors so their memory outlives the
+        addresses; ``dims``: for the ``mfact`` layout, the (columns, rows per matrix) of the
+        shape the operands broadcast to."""
+        self._groups.setdefault(spec, []).append((values, n, seed, operands, keep, sums, dims))
+        # what a _Plan may re-add; maps of the mfact layout need their dims, not recorded
+        self.last = (spec, n, operands) if dims is None else None
         for _, j in spec[2]:
             self.writes.add(operands[j][0])
 
@@ -1162,7 +1221,8 @@ class KernelBatch:
 
     @staticmethod
     def _tables(spec: tuple, entries: list) -> tuple:
-        """(svs, ns, seeds, columns) of maps added one by one."""
+        """(svs, ns, seeds, columns) of maps added one by one; for the mfact layout the
+        columns start with the tables of each map's columns and rows per matrix."""
         import numpy as np
 
         if spec[6]:  # fields
@@ -1171,7 +1231,12 @@ class KernelBatch:
             svs = np.zeros((len(entries), 0), dtype=np.float64)
         ns = np.array([e[1] for e in entries], dtype=np.int64)
         seeds = np.array([e[2] for e in entries], dtype=np.int64)
-        return svs, ns, seeds, operand_columns(spec[1], [e[3] for e in entries])
+        columns = operand_columns(spec[1], [e[3] for e in entries])
+        if isinstance(spec[5], tuple):  # mfact
+            dims = np.array([e[6] for e in entries], dtype=np.int64).reshape(-1, 2)
+            columns = [np.ascontiguousarray(dims[:, 0]), np.ascontiguousarray(dims[:, 1]),
+                       *columns]
+        return svs, ns, seeds, columns
 
     def flush(self) -> None:
         import numpy as np
@@ -1201,7 +1266,12 @@ class KernelBatch:
                 columns = [np.concatenate([t[3][c] for t in tables])
                            for c in range(len(tables[0][3]))]
             starts = np.zeros(len(ns) + 1, dtype=np.int64)
-            np.cumsum((ns + (CHUNK - 1)) // CHUNK, out=starts[1:])
+            if isinstance(layout, tuple):  # mfact: work items of whole rows (see the kernel)
+                ms = columns[0]
+                per = np.maximum(1, CHUNK // ms)
+                np.cumsum((ns // ms + per - 1) // per, out=starts[1:])
+            else:
+                np.cumsum((ns + (CHUNK - 1)) // CHUNK, out=starts[1:])
             args = [svs, ns, starts, seeds, sr_b16, sr_q8]
             if n_sums:
                 part = np.zeros((int(starts[-1]), n_sums), dtype=np.float64)
@@ -1346,8 +1416,19 @@ class FusedEngine:
         # the rule's scalar-only branches and exponents, resolved per kernel (the tensors of a
         # param group share their scalars, so the outcomes are looked up, not re-evaluated)
         outcomes = rule_outcomes(fn, s, self.dtype)
-        if self.batch is not None and layout in ("flat", "block") and (
-                n_sums == 0 or self.batch_sums):
+        batched = self.batch is not None and (n_sums == 0 or self.batch_sums)
+        dims = None
+        if batched and layout == "bcast":
+            # factors broadcast against matrices (Adafactor): one launch for many tensors,
+            # except small matrices, whose per-shape kernels unroll (see SMALL_BCAST)
+            roles = factor_roles(ins, kinds, shape) if len(shape) >= 2 and \
+                shape[-1] * shape[-2] > SMALL_BCAST else None
+            if roles is None:
+                batched = False
+            else:
+                layout = ("mfact", roles)
+                dims = (shape[-1], shape[-2])
+        if batched:
             operands = []
             for t, kind in zip(ins, kinds):
                 if kind in _FLOAT_ARRAYS:
@@ -1359,10 +1440,10 @@ class FusedEngine:
                 else:
                     operands.append((0, 0.0))
             spec = (fn, tuple(kinds), tuple(stores), n_results, self.dtype,
-                    "mflat" if layout == "flat" else "mblock", fields,
+                    {"flat": "mflat", "block": "mblock"}.get(layout, layout), fields,
                     self.stochastic_bf16, self.stochastic_int8, negated, n_sums, outcomes)
             sums = Pending() if n_sums else None
-            self.batch.add(spec, tuple(s), n, self.seed, operands, ins, sums)
+            self.batch.add(spec, tuple(s), n, self.seed, operands, ins, sums, dims)
             return sums if n_sums else []
         self._after_queued_writes(ins)
         # a small tensor runs on the calling thread: waking the thread pool costs more
