@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import pytest
@@ -41,6 +42,42 @@ def test_int8_bytes_per_param():
     assert speed.bytes_per_param("adam", "int8") == pytest.approx(12 + 4 * (1 + 4 / 256))
 
 
+@pytest.mark.parametrize("name,state_dtype,read,written", [
+    ("adamw", None, 16, 12),  # p, g, m, v read; p, m, v written
+    ("lion", None, 12, 8),  # p, g, m read; p, m written
+    # FAdam's three maps: g; p, g, fim (sums only); p, g, fim, exp_avg -> p, fim, exp_avg
+    ("fadam", None, 4 + 12 + 16, 12),
+    # int8 (64 x 4096 is above the 4096-element threshold): each state is 1-byte codes plus a
+    # float32 absmax per 256-element block; p and g stay float32
+    ("adamw", "int8", 4 + 4 + 2 * (1 + 4 / 256), 4 + 2 * (1 + 4 / 256)),
+])
+def test_traffic_per_param_splits_reads_and_writes(name, state_dtype, read, written):
+    assert speed.traffic_per_param(name, state_dtype) == (pytest.approx(read),
+                                                          pytest.approx(written))
+    assert speed.bytes_per_param(name, state_dtype) == pytest.approx(read + written)
+
+
+def test_floor_prices_reads_and_writes_at_the_measured_bandwidth():
+    bandwidth = speed.Bandwidth(read_gbps=20.0, write_ns_per_byte=0.01)
+    n = 1_000_000
+    # AdamW's traffic: 16 bytes read at 20 GB/s, 12 written at 0.01 ns each, per parameter
+    expected_s = n * 16 / 20e9 + n * 12 * 0.01e-9
+    assert bandwidth.floor_seconds(n * 16, n * 12) == pytest.approx(expected_s)
+    row = speed._row("adamw", "adamkit", "fused", "float32", [2e-3, 1e-3, 3e-3], n, (16.0, 12.0),
+                     [1e-3], 8 * n, bandwidth)
+    assert row.floor_ms == pytest.approx(expected_s * 1e3)
+    assert row.pct_of_floor == pytest.approx(100 * expected_s / 2e-3)  # over the median step
+    assert (row.read_bytes_per_param, row.written_bytes_per_param) == (16.0, 12.0)
+    assert row.bytes_per_param == 28.0
+    assert row.effective_gbps == pytest.approx(28 * n / 2e-3 / 1e9)
+
+
+def test_memory_bandwidth_is_measured():
+    bandwidth = speed.memory_bandwidth(nbytes=1 << 20, repeats=2)
+    assert bandwidth.read_gbps > 0 and math.isfinite(bandwidth.read_gbps)
+    assert bandwidth.write_ns_per_byte >= 0 and math.isfinite(bandwidth.write_ns_per_byte)
+
+
 def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "speed.json"
     code = speed.main(["--shapes", "resnet18", "--scale", "0.02", "--steps", "1", "--warmup",
@@ -51,9 +88,17 @@ def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0].startswith("copy bandwidth:")
-    for column in ("ms/step", "Mparam/s", "B/param", "eff GB/s", "x fusedAdamW",
-                   "state B/param"):
-        assert column in text
+    assert lines[1].startswith("read bandwidth:") and "write-back" in lines[1]
+    numeric = ("ms/step", "Mparam/s", "B/param", "eff GB/s", "floor ms", "% floor",
+               "x fusedAdamW", "state B/param")
+    header = next(k for k, line in enumerate(lines) if line.startswith("optimizer"))
+    assert " ".join(lines[header].split()).endswith(" ".join(numeric))
+    table = lines[header + 2:lines.index("", header)]  # the rows, up to the blank line
+    assert len(table) >= 5
+    for line in table:
+        cells = dict(zip(numeric, line.split()[-len(numeric):]))  # engine may hold spaces
+        for column in ("floor ms", "% floor"):
+            assert math.isfinite(float(cells[column])) and float(cells[column]) > 0, line
     data = json.loads(out.read_text())
     rows = {(r["optimizer"], r["implementation"], r["engine"], r["state_dtype"])
             for r in data["rows"]}
@@ -67,10 +112,20 @@ def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
         assert len(r["samples_ms"]) >= 1 and len(r["baseline_samples_ms"]) >= 1
         expected = statistics.median(r["samples_ms"]) / statistics.median(r["baseline_samples_ms"])
         assert r["ratio_to_torch_fused_adamw"] == pytest.approx(expected)
+        for key in ("floor_ms", "pct_of_floor", "read_bytes_per_param",
+                    "written_bytes_per_param"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["read_bytes_per_param"] + r["written_bytes_per_param"] == pytest.approx(
+            r["bytes_per_param"])
+        assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["ms_per_step"])
     int8 = [r for r in data["rows"] if r["implementation"] == "adamkit"
             and r["state_dtype"] == "int8" and r["optimizer"] == "adamw"][0]
     assert int8["state_bytes_per_param"] < 4  # float32: 8; small tensors stay float32 here
     assert data["copy_gbps"] > 0
+    assert math.isfinite(data["read_gbps"]) and data["read_gbps"] > 0
+    assert math.isfinite(data["write_ns_per_byte"]) and data["write_ns_per_byte"] >= 0
+    torch_fused = [r for r in data["rows"] if r["engine"] == "fused (torch)"][0]
+    assert (torch_fused["read_bytes_per_param"], torch_fused["written_bytes_per_param"]) == (16, 12)
 
 
 def test_bad_arguments_are_rejected():

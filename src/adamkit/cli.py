@@ -164,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         "speed", help="time every optimizer's step on a realistic parameter set",
         description="Time optimizer.step() on GPT-2, ResNet-18 or uniform tensor shapes: ms/step, "
                     "million params/s, the bytes each algorithm must move, effective GB/s, the "
-                    "ratio to torch.optim.AdamW(fused=True) timed side by side (their steps "
-                    "alternate on the same parameters), and state bytes per parameter. The first "
-                    "line is the machine's measured copy bandwidth.")
+                    "floor (the time those bytes need at this machine's measured read and "
+                    "write-back bandwidth; % floor = floor / step time, 100 at the memory "
+                    "limit, for parameter sets larger than the caches), the ratio to "
+                    "torch.optim.AdamW(fused=True) timed side by side (their steps alternate on "
+                    "the same parameters), and state bytes per parameter. The first lines are the "
+                    "machine's measured copy and read bandwidth.")
     speed_module.add_arguments(speed)
     speed.set_defaults(handler=speed_module.run)
     return parser

@@ -3,15 +3,22 @@
 Builds the tensor shapes of a real model (``--shapes gpt2`` for GPT-2 small, ``resnet18``, or
 ``uniform``), shrunk by ``--scale``, gives every tensor a random float32 gradient, and times
 ``optimizer.step()``: the median of ``--steps`` steps after ``--warmup`` untimed ones. Printed
-(and written with ``--json FILE``): the machine's copy bandwidth first, then one row per
+(and written with ``--json FILE``): the machine's copy bandwidth, its read bandwidth and the
+cost of an in-place write-back first (see :func:`memory_bandwidth`), then one row per
 optimizer, engine and state dtype with
 
 * ms/step and million parameters per second;
 * bytes/param: the bytes the algorithm must move per parameter and step, counted by running
   one step of the algorithm's own program through a counting engine (every ``map`` reads its
-  inputs and writes its outputs once; a two-pass rule counts both passes). Adam in float32
-  counts 28, AMSGrad 36, Lion 20;
+  inputs and writes its outputs once; a multi-pass rule counts every pass). Adam in float32
+  counts 28 (16 read, 12 written), AMSGrad 36, Lion 20, FAdam 44 (32 read, 12 written);
 * effective GB/s = bytes/param x parameters / step time;
+* floor ms: the time the row's counted traffic needs at this machine's measured bandwidth,
+  parameters x (bytes read / read bandwidth + bytes written x write-back cost), and % floor =
+  floor / step time (100 = at the memory limit; a little above is noise or cache). Reads and
+  writes are priced apart because they cost differently: every map stores only to tensors it
+  also reads, and writing back a line just read is nearly free, so a rule with read-only passes
+  (FAdam's sums) is at the limit well below torch fused AdamW's effective GB/s;
 * ``x fusedAdamW``: step time relative to ``torch.optim.AdamW(fused=True)`` on the same
   parameters, timed side by side: the two optimizers' steps alternate, and the ratio is the
   row's median over the baseline's median from the same interleaved run (below 1 is faster),
@@ -107,26 +114,32 @@ def make_parameters(shapes, dtype=torch.float32, seed: int = 0) -> list[Tensor]:
 
 
 class CountingEngine(ReferenceEngine):
-    """A reference engine that also counts the bytes each ``map`` reads and writes."""
+    """A reference engine that counts the bytes each ``map`` reads and writes (apart)."""
 
     def __init__(self, dtype):
         super().__init__(dtype)
-        self.bytes = 0
+        self.read = 0
+        self.written = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.written
 
     def map(self, fn, s, ins, outs, n_sums=0):
         # only the traffic matters here, not the values
-        for t in list(ins) + [o for o in outs if o is not None]:
-            self.bytes += storage.state_nbytes(t)
+        self.read += sum(storage.state_nbytes(t) for t in ins)
+        self.written += sum(storage.state_nbytes(o) for o in outs if o is not None)
         return [1.0] * n_sums
 
     def mean_sq_last_dims(self, x):
-        self.bytes += storage.state_nbytes(x)
+        self.read += storage.state_nbytes(x)
         return super().mean_sq_last_dims(x)
 
 
-def bytes_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
-                    shape=(64, 4096)) -> float:
-    """Bytes per parameter that one step of ``name`` moves, from its own ``apply`` program."""
+def traffic_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
+                      shape=(64, 4096)) -> tuple[float, float]:
+    """(bytes read, bytes written) per parameter by one step of ``name``, from its own
+    ``apply`` program."""
     cls = OPTIMIZERS[name]
     p = torch.zeros(shape, requires_grad=True)
     p.grad = torch.ones(shape)
@@ -142,7 +155,13 @@ def bytes_per_param(name: str, state_dtype: str | None, kwargs: dict | None = No
         slots[slot] = state[slot]
     with torch.no_grad():
         opt.apply_now(engine, s, p.detach(), p.grad, slots)
-    return engine.bytes / p.numel()
+    return engine.read / p.numel(), engine.written / p.numel()
+
+
+def bytes_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
+                    shape=(64, 4096)) -> float:
+    """Bytes per parameter that one step of ``name`` moves (read + written)."""
+    return sum(traffic_per_param(name, state_dtype, kwargs, shape))
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -157,16 +176,52 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 # ---- timing --------------------------------------------------------------------------------
 
 
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 7) -> float:
     """Measured copy bandwidth in GB/s (bytes read + bytes written per second)."""
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / min(times) / 1e9
+    return 2 * nbytes / _best_time(lambda: dst.copy_(src), repeats) / 1e9
+
+
+@dataclass
+class Bandwidth:
+    """What memory traffic costs on this machine, measured by :func:`memory_bandwidth`."""
+
+    read_gbps: float  # bytes read per second by a read-only streaming pass, in GB/s
+    write_ns_per_byte: float  # the extra time per byte written back to lines just read
+
+    def floor_seconds(self, read_bytes: float, written_bytes: float) -> float:
+        """The time that reading ``read_bytes`` and writing back ``written_bytes`` needs."""
+        return read_bytes / (self.read_gbps * 1e9) + written_bytes * self.write_ns_per_byte * 1e-9
+
+
+def memory_bandwidth(nbytes: int = 1 << 28, repeats: int = 7) -> Bandwidth:
+    """Read bandwidth and in-place write-back cost, each the best of ``repeats`` passes over
+    float32 buffers of ``nbytes``.
+
+    Read: the faster of ``x.sum()`` and ``torch.dot(x, y)``. Write-back: ``x.add_(y)`` reads 8
+    bytes and writes 4 per element; what it takes beyond reading its 8 bytes is the cost of the
+    4 written. Every map of adamkit's engines stores only to tensors it also reads, so this,
+    not a copy into fresh memory, is what its writes cost.
+    """
+    n = nbytes // 4
+    x, y = torch.ones(n), torch.ones(n)
+    t_sum = _best_time(lambda: x.sum(), repeats)
+    t_dot = _best_time(lambda: torch.dot(x, y), repeats)
+    read_bw = max(4 * n / t_sum, 8 * n / t_dot)  # bytes per second
+    # a tiny alpha keeps x at 1.0 however often it runs (1 + 1e-9 rounds to 1 in float32)
+    t_add = _best_time(lambda: x.add_(y, alpha=1e-9), repeats)
+    write_s_per_byte = max(0.0, (t_add - 8 * n / read_bw) / (4 * n))
+    return Bandwidth(read_gbps=read_bw / 1e9, write_ns_per_byte=write_s_per_byte * 1e9)
 
 
 def time_interleaved(opt, baseline, steps: int, warmup: int) -> tuple[list[float], list[float]]:
@@ -204,6 +259,12 @@ class Row:
     mparams_per_s: float
     bytes_per_param: float
     effective_gbps: float
+    read_bytes_per_param: float
+    written_bytes_per_param: float
+    #: the time the counted traffic needs at the measured bandwidth (see Bandwidth)
+    floor_ms: float
+    #: 100 x floor_ms / ms_per_step: 100 = at the memory limit
+    pct_of_floor: float
     ratio_to_torch_fused_adamw: float
     state_bytes_per_param: float
     samples_ms: list[float] = field(default_factory=list)
@@ -233,14 +294,19 @@ def default_optimizers() -> list[str]:
     return [n for n in sorted(OPTIMIZERS) if not OPTIMIZERS[n].requires_sparse]
 
 
-def _row(name, implementation, engine, state_dtype, times, n_params, nbytes, base_times,
-         state_nbytes) -> Row:
+def _row(name, implementation, engine, state_dtype, times, n_params,
+         traffic: tuple[float, float], base_times, state_nbytes, bandwidth: Bandwidth) -> Row:
     median = statistics.median(times)
     baseline_s = statistics.median(base_times) if base_times else 0.0
+    read, written = traffic
+    nbytes = read + written
+    floor_s = bandwidth.floor_seconds(read * n_params, written * n_params)
     return Row(
         optimizer=name, implementation=implementation, engine=engine, state_dtype=state_dtype,
         ms_per_step=median * 1e3, mparams_per_s=n_params / median / 1e6,
         bytes_per_param=nbytes, effective_gbps=nbytes * n_params / median / 1e9,
+        read_bytes_per_param=read, written_bytes_per_param=written,
+        floor_ms=floor_s * 1e3, pct_of_floor=100 * floor_s / median,
         ratio_to_torch_fused_adamw=median / baseline_s if baseline_s else math.nan,
         state_bytes_per_param=state_nbytes / n_params, samples_ms=[t * 1e3 for t in times],
         baseline_samples_ms=[t * 1e3 for t in base_times],
@@ -252,7 +318,11 @@ def run_benchmark(args, out=print) -> dict:
     params = make_parameters(shapes)
     n_params = sum(p.numel() for p in params)
     copy_gbps = copy_bandwidth()
+    bandwidth = memory_bandwidth()
     out(f"copy bandwidth: {copy_gbps:.1f} GB/s (torch copy_ of 256 MiB, read + write)")
+    out(f"read bandwidth: {bandwidth.read_gbps:.1f} GB/s (faster of torch sum and dot, 256 MiB); "
+        f"in-place write-back: {bandwidth.write_ns_per_byte:.3g} ns/byte (x.add_(y) beyond "
+        f"reading its 8 bytes); floor = params x (B read / read GB/s + B written x write-back)")
     out(f"parameters: {n_params / 1e6:.2f} M in {len(params)} tensors "
         f"(--shapes {args.shapes} --scale {args.scale}); median of {args.steps} steps after "
         f"{args.warmup} warm-up steps; torch {torch.__version__}, {torch.get_num_threads()} "
@@ -303,7 +373,8 @@ def run_benchmark(args, out=print) -> dict:
         if kind == "adamkit":
             state_dtype, mode = state_dtype
         kwargs = ADAMKIT_KWARGS.get(name, {})
-        nbytes = bytes_per_param(name, state_dtype if kind == "adamkit" else None, kwargs)
+        # other libraries' rows count the algorithm's own traffic (their floor is the same)
+        traffic = traffic_per_param(name, state_dtype if kind == "adamkit" else None, kwargs)
         if kind == "adamkit":
             def make(name=name, state_dtype=state_dtype, kwargs=kwargs, mode=mode):
                 return adamkit.create(name, params, backend=args.backend,
@@ -350,28 +421,31 @@ def run_benchmark(args, out=print) -> dict:
             def make(cls=cls):
                 return cls(params)
             label = ("bitsandbytes", "8-bit", "int8")
-            nbytes = bytes_per_param(name, "int8", kwargs)
+            traffic = traffic_per_param(name, "int8", kwargs)
         try:
             times, base_times, state_nbytes = measure(
                 make, max(args.warmup, MIN_WARMUP.get(name, 0)))
         except Exception as error:  # a comparison library that cannot run here
             out(f"  {label[0]} {name}: skipped ({type(error).__name__}: {error})")
             continue
-        results.append((name, label, times, base_times, nbytes, state_nbytes))
+        results.append((name, label, times, base_times, traffic, state_nbytes))
         baseline += base_times
-    # the baseline's own row: all its step times, first alone and then interleaved
-    rows.append(_row("adamw", "torch", "fused (torch)", "float32", baseline, n_params, 28.0,
-                     baseline, base_state))
-    for name, (impl, engine, sd), times, base_times, nbytes, state_nbytes in results:
-        rows.append(_row(name, impl, engine, sd, times, n_params, nbytes, base_times,
-                         state_nbytes))
+    # the baseline's own row: all its step times, first alone and then interleaved; AdamW's
+    # traffic (16 bytes read, 12 written)
+    rows.append(_row("adamw", "torch", "fused (torch)", "float32", baseline, n_params,
+                     traffic_per_param("adamw", None), baseline, base_state, bandwidth))
+    for name, (impl, engine, sd), times, base_times, traffic, state_nbytes in results:
+        rows.append(_row(name, impl, engine, sd, times, n_params, traffic, base_times,
+                         state_nbytes, bandwidth))
     out("")
     out(format_table(rows))
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
                     "torch": torch.__version__},
-        "copy_gbps": copy_gbps, "shapes": args.shapes, "scale": args.scale,
+        "copy_gbps": copy_gbps, "read_gbps": bandwidth.read_gbps,
+        "write_ns_per_byte": bandwidth.write_ns_per_byte,
+        "shapes": args.shapes, "scale": args.scale,
         "n_params": n_params, "n_tensors": len(params), "steps": args.steps,
         "warmup": args.warmup, "rows": [asdict(r) for r in rows],
     }
@@ -379,13 +453,13 @@ def run_benchmark(args, out=print) -> dict:
 
 def format_table(rows: list[Row]) -> str:
     header = ("optimizer", "impl", "engine", "state", "ms/step", "Mparam/s", "B/param",
-              "eff GB/s", "x fusedAdamW", "state B/param")
+              "eff GB/s", "floor ms", "% floor", "x fusedAdamW", "state B/param")
     lines = [header]
     for r in rows:
         lines.append((r.optimizer, r.implementation, r.engine, r.state_dtype,
                       f"{r.ms_per_step:.2f}", f"{r.mparams_per_s:.0f}", f"{r.bytes_per_param:.1f}",
-                      f"{r.effective_gbps:.1f}", f"{r.ratio_to_torch_fused_adamw:.2f}",
-                      f"{r.state_bytes_per_param:.2f}"))
+                      f"{r.effective_gbps:.1f}", f"{r.floor_ms:.2f}", f"{r.pct_of_floor:.3g}",
+                      f"{r.ratio_to_torch_fused_adamw:.2f}", f"{r.state_bytes_per_param:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = []
     for k, line in enumerate(lines):
@@ -495,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="adamkit speed",
         description="Time each optimizer's step on a realistic parameter set and print "
-                    "ms/step, effective memory bandwidth and the ratio to torch's fused AdamW.")
+                    "ms/step, effective memory bandwidth, the floor (the time its memory "
+                    "traffic needs at this machine's measured read and write-back bandwidth) "
+                    "and the ratio to torch's fused AdamW.")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
