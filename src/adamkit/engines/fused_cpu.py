@@ -25,8 +25,10 @@ outcomes gets its own kernel with only the taken branch, so the element loop has
 scalar and vectorizes (see :class:`_UniformPoints`). A step's single-pass maps run as one
 multi-tensor launch (:class:`KernelBatch`), and so does each pass of a multi-pass rule (FAdam,
 Adafactor: their generator ``apply`` advances in lockstep over the tensors, and a pass's sums
-come back per tensor); maps that broadcast (Adafactor's factored update) run per tensor, those
-below ``SERIAL_BELOW`` elements on the calling thread. Kernels are written as
+come back per tensor). Maps that broadcast row and column factors against matrices (Adafactor's
+factored update) are batched the same way (the ``mfact`` layout, :func:`factor_roles`); other
+broadcasts, and matrices of at most ``SMALL_BCAST`` elements, run per tensor, those below
+``SERIAL_BELOW`` elements on the calling thread. Kernels are written as
 Python modules into the kernel cache directory and compiled with ``cache=True``, so a later
 process loads machine code instead of compiling: ``$ADAMKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/adamkit/kernels``, else ``~/.cache/adamkit/kernels``. File names carry a hash of
