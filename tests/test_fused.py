@@ -275,6 +275,7 @@ def test_batched_means_of_squares_run_in_one_launch_before_the_maps(monkeypatch)
     ((3000, 3, 3), [(3000, 3, 1), (3000, 1, 3), (3000, 1, 1), (1, 3, 3), (3, 1), (3,), (1,)]),
     ((5, 4, 2, 7), [(5, 4, 2, 1), (1, 1, 2, 7), (5, 4, 1, 7), (7,)]),
     ((40, 1, 1), [(40, 1, 1), (1, 1)]),
+    ((6, 7), [(6, 1), (1, 7), (7,), (6, 7)]),  # one matrix: the full operands read in place
     # larger matrices (runtime sizes and strides)
     ((6, 70, 60), [(6, 70, 1), (6, 1, 60), (70, 60), (60,)]),
 ])

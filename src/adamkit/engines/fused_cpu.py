@@ -588,11 +588,20 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
     def sign(j):
         return "-" if j in negated else ""
 
+    # small bcast: operands that broadcast are gathered per work item into contiguous copies
+    # t{j} (their element k is element k of the work item), so that the rule's loop is flat
+    gathered = set()
+    if small is not None:
+        flat_strides = (small[0] * small[1], small[1], 1)
+        gathered = {j for j, kind in enumerate(kinds)
+                    if kind in _FLOAT_ARRAYS and small[2][j] != flat_strides}
+
     def load(j, kind, index):
+        array = f"t{j}" if j in gathered else f"a{j}"
         if kind in ("f32", "f64"):
-            return f"{sign(j)}_E(a{j}[{index}])"
+            return f"{sign(j)}_E({array}[{index}])"
         if kind == "b16":
-            return f"{sign(j)}_E(_bf16_decode(a{j}[{index}]))"
+            return f"{sign(j)}_E(_bf16_decode({array}[{index}]))"
         if kind == "q8s":
             return f"_E(_signed_decode(a{j}[{index}], u{j}))"
         if kind == "q8u":
@@ -601,13 +610,19 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             return f"_E(c{j})"
         return "_E(0.0)"
 
+    def gather_index(j):
+        """Operand j's element (bb, jj, kk) of a small bcast map."""
+        terms = [f"{v} * {s_}" for v, s_ in zip(("bb", "jj", "kk"), small[2][j]) if s_]
+        return " + ".join(f"np.uint64({t})" for t in terms) or "np.uint64(0)"
+
     def index(j, flat_index):
+        if j in gathered:
+            return "k"
         if roles is not None and kinds[j] in _FLOAT_ARRAYS:
             # full: the element's own index; row: its row's; col: its column's in its matrix
             return {"full": flat_index, "row": "ri", "col": "cb + kk"}[roles[j]]
         if small is not None and kinds[j] in _FLOAT_ARRAYS:
-            terms = [f"{v} * {s_}" for v, s_ in zip(("bb", "jj", "kk"), small[2][j]) if s_]
-            return " + ".join(f"np.uint64({t})" for t in terms) or "np.uint64(0)"
+            return flat_index
         if layout == "bcast" and kinds[j] in _FLOAT_ARRAYS:
             last = last_strides[j] if j < len(last_strides) else None
             step = {0: "", 1: " + kk"}.get(last, f" + kk * np.uint64(st{j}_2)")
@@ -766,20 +781,33 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
                     "            i = np.uint64(i0)", body(12, "i")]
             out += [f"        {finish_sum(q)}" for q in range(n_sums)]
         elif small is not None:
-            # bcast over small matrices (a conv kernel's 3x3): sizes and strides compiled in,
-            # so the loops over a matrix unroll; a work item takes whole matrices, about
-            # ROW_BLOCK elements' worth. bb, jj, kk are unsigned (see index()).
+            # bcast over small matrices (a conv kernel's 3x3): sizes and strides compiled in.
+            # A work item takes whole matrices, about ROW_BLOCK elements' worth: the operands
+            # that broadcast are first copied out element by element (loops over a matrix
+            # that unroll), then the rule runs in a flat loop that vectorizes (2x faster
+            # than the rule in the unrolled loops on 512x512x3x3, measured standalone).
+            # bb, jj, kk, k are unsigned (see block_group).
             rows, cols = small[0], small[1]
-            per = max(1, ROW_BLOCK // (rows * cols))
-            flat_index = f"(bb * np.uint64({rows}) + jj) * np.uint64({cols}) + kk"
-            out += [f"    for blk in numba.prange((nb_ + {per - 1}) // {per}):"]
+            rc = rows * cols
+            per = max(1, ROW_BLOCK // rc)
+            out += [f"    for blk in numba.prange((nb_ + {per - 1}) // {per}):",
+                    f"        b0 = blk * {per}",
+                    f"        b1 = min(b0 + {per}, nb_)"]
+            out += [f"        t{j} = np.empty({per * rc}, a{j}.dtype)" for j in sorted(gathered)]
+            if gathered:
+                out += ["        for bb0 in range(b0, b1):",
+                        "            bb = np.uint64(bb0)",
+                        f"            o = np.uint64((bb0 - b0) * {rc})",
+                        f"            for jj0 in range({rows}):",
+                        "                jj = np.uint64(jj0)",
+                        f"                for kk0 in range({cols}):",
+                        "                    kk = np.uint64(kk0)"]
+                out += [f"                    t{j}[o + jj * np.uint64({cols}) + kk] = "
+                        f"a{j}[{gather_index(j)}]" for j in sorted(gathered)]
+            out += [f"        base = np.uint64(b0 * {rc})"]
             out += [f"        lacc{q} = _E(0.0)" for q in range(n_sums)]
-            out += [f"        for bb0 in range(blk * {per}, min(blk * {per} + {per}, nb_)):",
-                    "            bb = np.uint64(bb0)",
-                    f"            for jj0 in range({rows}):",
-                    "                jj = np.uint64(jj0)",
-                    f"                for kk0 in range({cols}):",
-                    "                    kk = np.uint64(kk0)", body(20, flat_index)]
+            out += [f"        for k0 in range((b1 - b0) * {rc}):",
+                    "            k = np.uint64(k0)", body(12, "base + k")]
             out += [f"        acc{q} += np.float64(lacc{q})" for q in range(n_sums)]
         else:
             # bcast: iterate (batch, rows, cols) with per-operand strides (0 = broadcast). A
@@ -1462,7 +1490,13 @@ class FusedEngine:
             sizes = [1, 1, *shape][-3:] if len(shape) < 3 else [math.prod(shape[:-2]),
                                                                   shape[-2], shape[-1]]
             if sizes[1] * sizes[2] <= SMALL_BCAST:
-                small = (sizes[1], sizes[2], tuple(strides.get(j) for j in range(len(kinds))))
+                # an operand of the full shape is contiguous: its strides are the flat ones
+                # (_collapse_strides gives batch stride 0 for one matrix), which the kernel
+                # reads in place instead of gathering (see _kernel_source)
+                flat = (sizes[1] * sizes[2], sizes[2], 1)
+                small = (sizes[1], sizes[2], tuple(
+                    (flat if ins[j].shape == shape else strides[j]) if j in strides else None
+                    for j in range(len(kinds))))
         last_strides = () if small else tuple(
             strides[j][2] if j in strides and strides[j][2] in (0, 1) else None
             for j in range(len(kinds)))
