@@ -919,6 +919,34 @@ def test_broadcast_shapes_and_strides_match_torch():
     assert fused_cpu._collapse_strides(t, (4, 5)) == (0, 1, 4)
 
 
+def _add(s: _Unused, x, c):
+    return x + c
+
+
+def _accumulate(s: _Unused, p, x):
+    return p + x
+
+
+def test_a_queued_map_reading_a_queued_result_runs_after_it():
+    """Two dependent maps queued in one phase (x += c, then p += x) for two tensors whose
+    first maps differ in kernel (c a number, c a tensor) and whose second maps share one: run
+    grouped by kernel, the second tensor's p += x would run before its x += c. The batch
+    flushes before queuing a map that reads what a queued map writes."""
+    batch = fused_cpu.KernelBatch()
+    engine = fused_cpu.FusedEngine(torch.float64, batch=batch)
+    xs = [torch.ones(10, dtype=torch.float64) for _ in range(2)]
+    ps = [torch.zeros(10, dtype=torch.float64) for _ in range(2)]
+    c = torch.full((10,), 2.0, dtype=torch.float64)
+    engine.map(_add, _Unused(0.0), [xs[0], 2.0], [xs[0]])
+    engine.map(_accumulate, _Unused(0.0), [ps[0], xs[0]], [ps[0]])  # flushes: x0 is queued
+    engine.map(_add, _Unused(0.0), [xs[1], c], [xs[1]])
+    engine.map(_accumulate, _Unused(0.0), [ps[1], xs[1]], [ps[1]])  # flushes again
+    batch.flush()
+    for x, p in zip(xs, ps):
+        assert torch.equal(x, torch.full((10,), 3.0, dtype=torch.float64))
+        assert torch.equal(p, x)
+
+
 def test_a_map_run_at_once_waits_for_queued_maps_that_write_its_tensors():
     """A batched (deferred) map writes a; a broadcast map, which runs at once, then reads a
     without a yield in between: the engine flushes the batch first, so the result is the

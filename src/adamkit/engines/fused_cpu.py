@@ -1199,8 +1199,10 @@ class KernelBatch:
         self._means: dict[tuple, list] = {}
         #: the most recently added map, as ``(spec, n, operands)``: what :meth:`repeat` needs
         self.last: tuple | None = None
-        #: addresses of the tensors the queued maps write (see FusedEngine)
+        #: addresses of the tensors the queued maps and means write (see FusedEngine)
         self.writes: set[int] = set()
+        #: ... those the queued maps write (see add)
+        self._map_writes: set[int] = set()
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._groups.values()) + sum(
@@ -1218,12 +1220,21 @@ class KernelBatch:
             sums: Pending | None = None, dims: tuple[int, int] | None = None) -> None:
         """Queue one map. ``keep`` holds the operand tensors so their memory outlives the
         addresses; ``dims``: for the ``mfact`` layout, the (columns, rows per matrix) of the
-        shape the operands broadcast to."""
+        shape the operands broadcast to.
+
+        A map that reads or writes a tensor an earlier queued map writes runs after it: the
+        batch is flushed first. (Flushed, maps run grouped by kernel, which would otherwise
+        reorder such a pair when another tensor queued the second kernel first; the means of
+        squares are exempt, they run before every map.)"""
+        writes = self._map_writes
+        if writes and any(type(a) is int and a in writes for a, _ in operands):
+            self.flush()
         self._groups.setdefault(spec, []).append((values, n, seed, operands, keep, sums, dims))
         # what a _Plan may re-add; maps of the mfact layout need their dims, not recorded
         self.last = (spec, n, operands) if dims is None else None
         for _, j in spec[2]:
             self.writes.add(operands[j][0])
+            self._map_writes.add(operands[j][0])
 
     def repeat(self, last: tuple, s, seed: int, grad_address: int, keep) -> None:
         """Add a map recorded as ``last`` by an earlier step again, with new scalars ``s``, a
@@ -1248,6 +1259,7 @@ class KernelBatch:
             raise ValueError("add_block takes maps without sums")
         self._blocks.setdefault(spec, []).append((svs, ns, seeds, columns, keep))
         self.writes.update(writes)
+        self._map_writes.update(writes)
 
     @staticmethod
     def _tables(spec: tuple, entries: list) -> tuple:
@@ -1275,6 +1287,7 @@ class KernelBatch:
         blocks, self._blocks = self._blocks, {}
         means, self._means = self._means, {}
         self.writes = set()
+        self._map_writes = set()
         if means:  # the maps queued after them may read them
             _sq_means(means)
         for spec in list(groups) + [spec for spec in blocks if spec not in groups]:
