@@ -1227,7 +1227,9 @@ class KernelBatch:
         reorder such a pair when another tensor queued the second kernel first; the means of
         squares are exempt, they run before every map.)"""
         writes = self._map_writes
-        if writes and any(type(a) is int and a in writes for a, _ in operands):
+        # dict(operands): their first entries, addresses or numbers, at C speed (a number
+        # equal to an address would only cost a flush)
+        if writes and not writes.isdisjoint(dict(operands)):
             self.flush()
         self._groups.setdefault(spec, []).append((values, n, seed, operands, keep, sums, dims))
         # what a _Plan may re-add; maps of the mfact layout need their dims, not recorded
