@@ -318,6 +318,7 @@ def test_factored_maps_of_many_matrices_run_in_one_launch(dtype):
     matrices, a column factor given 1-D; a small matrix and a factor shared by a batch are not
     taken (they run at once)."""
     from adamkit.algorithms.adafactor import AdafactorScalars, _apply_update, _update_sq
+    from adamkit.engines.reference import ReferenceEngine
 
     s = AdafactorScalars(lr=0.01, one_minus_beta2=0.2, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
                          weight_decay=0.1, step_size=0.003, max_rsqrt=50.0)
@@ -363,13 +364,13 @@ def test_factored_maps_of_many_matrices_run_in_one_launch(dtype):
             sums = [list(x.value) if isinstance(x, fused_cpu.Pending) else x for x in sums]
         results[batched] = (sums, outs)
     (sums, outs), (sums_1, outs_1) = results[True], results[False]
+    reference = ReferenceEngine(torch.float64)
     for i, (p, g, a, b) in enumerate(made):
         assert torch.equal(outs[i], outs_1[i]), cases[i]
         assert not torch.equal(outs[i], p), cases[i]  # the map did write
-        # the sums against float64 (the gradient negated: squares do not care)
-        x, y = a.to(compute).double(), b.to(compute).double()
-        u = g.double() * torch.minimum(x * y, torch.tensor(50.0, dtype=torch.float64))
-        want = [float((u * u).sum()), float((p.double() ** 2).sum())]
+        # the sums against the reference engine's in float64, on the same (rounded) operands
+        operands = [t.to(compute).double() for t in (p, -g, a, b)]
+        want = reference.map(_update_sq, s, operands, [], n_sums=2)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         for got, got_1, w in zip(sums[i], sums_1[i], want):
             assert abs(got - w) <= tol * w and abs(got_1 - w) <= tol * w, (cases[i], got, w)

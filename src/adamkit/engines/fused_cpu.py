@@ -727,8 +727,9 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         out.append(f"        s = _S({fields_src})")
         out.append("        n = ns[t]")
         out.append("        seed = seeds[t]")
-        out.append("        first = (c - starts[t]) * CHUNK")
-        if layout == "mfact":
+        if layout != "mfact":
+            out.append("        first = (c - starts[t]) * CHUNK")
+        else:
             out += ["        m = ms[t]",
                     "        nn = nns[t]",
                     # whole rows, about CHUNK elements' worth (the rows' count is n // m)
@@ -1185,7 +1186,8 @@ class KernelBatch:
     microseconds, as long as updating a 100k-element tensor). Batched, those costs are paid once
     per kernel: the multi-tensor kernel takes tables of per-tensor scalars, sizes, seeds and
     operand addresses, and its parallel loop runs over every tensor's chunks of ``CHUNK``
-    elements, so small and large tensors share the threads. Maps with sums get per-tensor
+    elements (whole rows of about that many for maps of matrices with their row and column
+    factors), so small and large tensors share the threads. Maps with sums get per-tensor
     totals (per-chunk partial sums, added up per tensor in chunk order) in their
     :class:`Pending`. Row and column means of squares (:meth:`FusedEngine.mean_sq_last_dims`)
     are deferred the same way, and run first, in one launch per dtype.
@@ -1343,13 +1345,15 @@ class FusedEngine:
             operand; this is how ``maximize=True`` costs no extra pass.
         seed: seeds stochastic rounding (bfloat16 parameters with ``stochastic_bf16``, 8-bit
             state with ``stochastic_int8``).
-        batch: a :class:`KernelBatch` that collects maps over same-shaped operands, and
+        batch: a :class:`KernelBatch` that collects maps over same-shaped operands, maps of
+            matrices with their row and column factors (over SMALL_BCAST elements), and
             ``mean_sq_last_dims`` of matrices over SMALL_BCAST elements, instead of running
             them; ``batch.flush()`` then runs all of them, one launch per kernel. The
             tensors must not be touched in between (the optimizer flushes at the end of
             ``step()``, and for a generator ``apply`` at each ``yield``), except by this
             engine: a map it runs at once, or ``mean_sq_last_dims``, on a tensor that a queued
-            map writes flushes the batch first.
+            map writes flushes the batch first, and so does queuing a map that reads or
+            writes such a tensor.
         batch_sums: whether maps with sums are batched too; ``map`` then returns a
             :class:`Pending` for them, to be yielded (only for generator ``apply``).
     """
