@@ -703,6 +703,20 @@ def test_fast_path_notices_8bit_state_moved_to_new_storage():
             assert torch.equal(x, y)
 
 
+def _assert_same(params, other_params, states, other_states) -> None:
+    """Parameters and every state tensor equal bit for bit (8-bit state: codes and scales)."""
+    for a, b in zip(params, other_params):
+        assert torch.equal(a, b)
+    for a, b in zip(states, other_states):
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = a[key], b[key]
+            if isinstance(x, adamkit.storage.BlockQuantized):
+                assert torch.equal(x.codes, y.codes) and torch.equal(x.absmax, y.absmax)
+            else:
+                assert torch.equal(x, y), key
+
+
 @pytest.mark.parametrize("config", ["float32-int8", "bfloat16-sr"])
 @pytest.mark.parametrize("name,kwargs", [
     ("adamw", dict(weight_decay=0.1)), ("radam", dict()), ("sgd", dict(momentum=0.9)),
@@ -783,16 +797,7 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     assert log == [[], [True, True], [False, True], [True, True], [False, True], [True, True],
                    [True, True], [True, False], [True, True], [False, True], [True, True]]
     assert all(not entry for entry in slow_log)
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)
-    for a, b in zip(fast_state, slow_state):
-        assert a.keys() == b.keys()
-        for key in a:
-            x, y = a[key], b[key]
-            if isinstance(x, adamkit.storage.BlockQuantized):
-                assert torch.equal(x.codes, y.codes) and torch.equal(x.absmax, y.absmax)
-            else:
-                assert torch.equal(x, y), key
+    _assert_same(fast, slow, fast_state, slow_state)
 
 
 def test_a_subclass_whose_scalars_read_the_state_gets_no_shared_scalars():
@@ -983,3 +988,128 @@ def test_a_map_run_at_once_waits_for_queued_maps_that_write_its_tensors():
         assert _rel(mine, ref) <= 1e-6
     for mine, ref in zip(sums, sums_ref):
         assert abs(mine - ref) <= 1e-5 * abs(ref)
+
+
+@pytest.mark.parametrize("config", ["float32-int8", "bfloat16-sr", "float64"])
+@pytest.mark.parametrize("name", ["fadam", "adafactor"])
+def test_generator_rules_repeat_their_maps_and_notice_every_change(name, config, monkeypatch):
+    """From a parameter's second step a generator apply (FAdam, Adafactor) runs on an engine
+    given the maps it queued last step, which re-queues each without the per-operand checks
+    (optimizer._LockstepPlan, FusedEngine(calls=...)). Bitwise against the same steps with
+    those plans switched off, through: fresh gradients, a new learning rate, ``p.data``
+    replaced, state loaded from a checkpoint, ``maximize`` switched, a parameter sitting a
+    step out, a non-contiguous gradient. Parameters: a matrix whose factored maps are batched,
+    a 3x3 whose maps run at once, a vector, and one of 5000 elements (8-bit state in the
+    int8 config). The plan must be taken exactly where nothing it depends on changed, and
+    every map of an unchanged parameter's batched passes must be repeated, none rebuilt."""
+    dtype, state_dtype, sr = {"float32-int8": (torch.float32, "int8", False),
+                              "bfloat16-sr": (torch.bfloat16, None, True),
+                              "float64": (torch.float64, None, False)}[config]
+    verdicts, repeats = [], []
+    plan_repeat = adamkit.optimizer._LockstepPlan.repeat
+    engine_repeat = fused_cpu.FusedEngine._repeat
+
+    def spy_plan(self, *args):
+        result = plan_repeat(self, *args)
+        verdicts.append(result)
+        return result
+
+    def spy_engine(self, *args):
+        result = engine_repeat(self, *args)
+        repeats.append(result is not None)
+        return result
+
+    def run(fast):
+        monkeypatch.setattr(adamkit.optimizer._LockstepPlan, "repeat", spy_plan)
+        monkeypatch.setattr(fused_cpu.FusedEngine, "_repeat", spy_engine)
+        if not fast:
+            monkeypatch.setattr(adamkit.optimizer._LockstepPlan, "record",
+                                classmethod(lambda *args: None))
+        gen = torch.Generator().manual_seed(11)
+        params = [torch.randn(s, generator=gen).to(dtype).requires_grad_()
+                  for s in [(40, 30), (3, 3), (7,), (5000,)]]
+        opt = adamkit.create(name, params, lr=LR.get(name, 0.01), state_dtype=state_dtype,
+                             stochastic_rounding=sr)
+        log = []
+
+        def step(skip=()):
+            for i, p in enumerate(params):
+                p.grad = None if i in skip else torch.randn(p.shape, generator=gen).to(dtype)
+            verdicts.clear()
+            repeats.clear()
+            opt.step()
+            log.append((list(verdicts), all(repeats), len(repeats)))
+
+        step()  # full path, plans recorded
+        step()
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+        step()
+        params[0].data = params[0].data.clone()
+        step()  # parameter 0: full path
+        opt.load_state_dict(opt.state_dict())
+        step()  # new state objects (and loading drops the plans): full path for all
+        opt.param_groups[0]["maximize"] = True
+        step()  # settings changed: full path for all
+        step()
+        step(skip={2})
+        step()
+        g = torch.randn(30, 40, generator=gen).to(dtype).t()
+        step()
+        params[0].grad = g  # non-contiguous: the reference engine steps parameter 0
+        verdicts.clear()
+        repeats.clear()
+        opt.step()
+        log.append((list(verdicts), all(repeats), len(repeats)))
+        step()  # no plan for parameter 0 (the reference engine ran it): full path
+        step()
+        monkeypatch.undo()
+        state = [opt.state[p] for p in params]
+        return [p.detach().clone() for p in params], state, log
+
+    fast, fast_state, log = run(True)
+    slow, slow_state, slow_log = run(False)
+    T, F = True, False
+    assert [entry[0] for entry in log] == [
+        [], [T, T, T, T], [T, T, T, T], [F, T, T, T], [], [F, F, F, F],
+        [T, T, T, T], [T, T, T], [T, T, T, T], [T, T, T, T], [F, T, T, T], [T, T, T],
+        [T, T, T, T]]
+    # every repeated map fitted its entry; a step with all four plans taken repeats them all
+    assert all(entry[1] for entry in log)
+    assert log[1][2] == log[-1][2] > 0
+    assert all(not entry[0] and entry[2] == 0 for entry in slow_log)
+    _assert_same(fast, slow, fast_state, slow_state)
+
+
+def test_a_repeated_map_that_no_longer_fits_takes_the_full_path():
+    """FusedEngine(calls=...): a map whose operand changed shape or kind since the entry was
+    recorded, or whose rule differs, is not re-queued from the entry; it is built anew (and
+    the entry rewritten), giving what a fresh engine gives."""
+    calls = []
+    x = torch.ones(10, dtype=torch.float64)
+    outputs = []
+
+    def phase(c, y=None):
+        batch = fused_cpu.KernelBatch()
+        engine = fused_cpu.FusedEngine(torch.float64, batch=batch, calls=calls, trusted=(x,))
+        engine.map(_add, _Unused(0.0), [x, c], [x])
+        if y is not None:
+            engine.map(_accumulate, _Unused(0.0), [y, x], [y])
+        batch.flush()
+        outputs.append(x.clone())
+
+    phase(2.0)  # recorded: (x, number)
+    assert calls[0][-2] == (0, -1)  # x is trusted object 0; the number is not a tensor
+    entry = calls[0]
+    phase(1.0)  # repeated with the new number
+    assert calls[0] is entry
+    phase(torch.full((10,), 0.5, dtype=torch.float64))  # a tensor where a number was
+    assert calls[0] is not entry and calls[0][4][1] == ("f64", "f64")
+    entry = calls[0]
+    phase(torch.full((5,), 0.5, dtype=torch.float64)[:1].expand(10))  # broadcast: not batched
+    assert calls[0] is None
+    y = torch.zeros(10, dtype=torch.float64)
+    phase(0.25, y)  # a second map: a new entry
+    assert len(calls) == 2 and calls[1][0] is _accumulate
+    assert [float(o[0]) for o in outputs] == [3.0, 4.0, 4.5, 5.0, 5.25]
+    assert torch.equal(y, torch.full((10,), 5.25, dtype=torch.float64))

@@ -289,10 +289,14 @@ class Optimizer(torch.optim.Optimizer):
         self._lockstep = [] if batch is not None and lockstep else None
         # A parameter whose tensors are where they were at its last step takes a fast path
         # that re-adds that step's map with new scalars (see _Plan); others take the full one.
-        plans = None if batch is None or not default_apply \
+        # A generator apply's plan (_LockstepPlan) re-runs the generator on an engine that
+        # repeats its maps.
+        plans = None if batch is None or not (default_apply or lockstep) \
             else self.__dict__.setdefault("_plans", {})
+        plan_type = _Plan if default_apply else _LockstepPlan
         # ... and a whole param group whose tensors all do, one that repeats as a block
-        group_plans = None if plans is None else self.__dict__.setdefault("_group_plans", {})
+        group_plans = None if plans is None or not default_apply \
+            else self.__dict__.setdefault("_group_plans", {})
         # parameters' step counters, incremented together at the end (see advance_step)
         pending = self._pending_steps = []
         try:
@@ -313,8 +317,10 @@ class Optimizer(torch.optim.Optimizer):
                     if plan is not None and plan.repeat(self, group, p, grad, (gi, pi), batch):
                         continue
                     batch.last = None
+                    self._calls = None
                     self._step_parameter(group, p, (gi, pi))
-                    plans[p] = _Plan.record(self, group, p, grad, batch.last)
+                    plans[p] = plan_type.record(
+                        self, group, p, grad, batch.last if default_apply else self._calls)
                 if group_plans is not None:
                     group_plan = _GroupPlan.record(self, group, gi, plans)
                     if group_plan is not None:
@@ -322,7 +328,7 @@ class Optimizer(torch.optim.Optimizer):
             if self._lockstep:
                 self._run_in_lockstep(self._lockstep, batch)
         finally:
-            self._batch = self._pending_steps = self._lockstep = None
+            self._batch = self._pending_steps = self._lockstep = self._calls = None
             if pending:
                 torch._foreach_add_(pending, 1.0)
             if batch is not None:
@@ -463,13 +469,16 @@ class Optimizer(torch.optim.Optimizer):
         if fused:
             # maximize costs no extra pass: the kernel reads the gradient with its sign flipped
             lockstep = None if grad.is_sparse else getattr(self, "_lockstep", None)
+            # what a _LockstepPlan needs to repeat this step's maps (see FusedEngine)
+            calls = [] if lockstep is not None and not p.is_complex() else None
             engine = fused_cpu.FusedEngine(
                 p.dtype, negate=grad if group["maximize"] and not grad.is_sparse else None,
                 seed=seed, stochastic_int8=self.round_int8_stochastically,
                 stochastic_bf16=self.stochastic_rounding,
                 # sparse steps run on gathered copies that are scattered back right away
                 batch=None if grad.is_sparse else getattr(self, "_batch", None),
-                batch_sums=lockstep is not None)
+                batch_sums=lockstep is not None, calls=calls,
+                trusted=(p, grad, *slots.values()) if calls is not None else ())
         else:
             # complex parameters run as real views: the engine computes in their real dtype
             engine = self._engine(torch.view_as_real(p) if p.is_complex() else p)
@@ -487,6 +496,7 @@ class Optimizer(torch.optim.Optimizer):
             program = self.apply(engine, s, p, grad, slots)
         if program is not None and lockstep is not None:  # a generator apply, batched
             lockstep.append(program)  # step() runs it alongside the other tensors
+            self._calls = engine.calls
             return
         _run_to_end(program)
         for i, (k, q) in enumerate(quantized.items()):
@@ -606,6 +616,10 @@ class _Plan:
         spec, n, operands = last
         if operands[0][0] != p.data_ptr() or operands[1][0] != grad.data_ptr():
             return None  # not the default apply's map of (p, grad, *slots)
+        return cls._new(opt, group, p, last)
+
+    @classmethod
+    def _new(cls, opt: Optimizer, group: dict, p: Tensor, last) -> "_Plan":
         plan = cls()
         plan.address = p.data_ptr()
         plan.dtype = p.dtype
@@ -658,9 +672,39 @@ class _Plan:
             return False
         opt._last_step = None
         s = opt.scalars(group, state)
-        batch.repeat(self.last, s, opt._seed(state, p, where), grad.data_ptr(),
-                     (p, grad, *self.slots))
+        self._add(opt, s, p, grad, opt._seed(state, p, where), batch)
         return True
+
+    def _add(self, opt: Optimizer, s, p: Tensor, grad: Tensor, seed: int, batch) -> None:
+        batch.repeat(self.last, s, seed, grad.data_ptr(), (p, grad, *self.slots))
+
+
+class _LockstepPlan(_Plan):
+    """A parameter's last fused step with a generator ``apply`` (FAdam, Adafactor), kept to
+    repeat it cheaply: :meth:`repeat` checks what :class:`_Plan` checks, then runs the rule's
+    ``scalars`` and a new generator on an engine given the maps it queued last step
+    (``FusedEngine(calls=...)``), which re-queues each map that still fits without the
+    per-operand checks and kernel lookup. (The generator itself still runs: its scalars
+    depend on the sums of the passes before.) ``last`` is that list of maps."""
+
+    __slots__ = ()
+
+    @classmethod
+    def record(cls, opt: Optimizer, group: dict, p: Tensor, grad: Tensor,
+               calls) -> "_LockstepPlan | None":
+        if calls is None or p.is_complex() or grad.is_sparse:
+            return None
+        return cls._new(opt, group, p, calls)
+
+    def _add(self, opt: Optimizer, s, p: Tensor, grad: Tensor, seed: int, batch) -> None:
+        engine = fused_cpu.FusedEngine(
+            p.dtype, negate=grad if self.maximize else None, seed=seed,
+            stochastic_int8=opt.round_int8_stochastically,
+            stochastic_bf16=opt.stochastic_rounding, batch=batch, batch_sums=True,
+            calls=self.last, trusted=(p, grad, *self.slots))
+        program = opt.apply(engine, s, p, grad, dict(zip(self.names, self.slots)))
+        if program is not None:
+            opt._lockstep.append(program)
 
 
 _U64 = (1 << 64) - 1

@@ -1356,13 +1356,23 @@ class FusedEngine:
             writes such a tensor.
         batch_sums: whether maps with sums are batched too; ``map`` then returns a
             :class:`Pending` for them, to be yielded (only for generator ``apply``).
+        calls: a list kept from one step of a parameter to the next, to repeat a generator
+            ``apply``'s batched maps cheaply: entry k describes this engine's k-th ``map``
+            call of the last step (its kernel, sizes and which operands were ``trusted``
+            objects), None where that call was not batched. A call that matches its entry
+            reuses it (only new addresses, scalars and outcomes are looked up); any other
+            takes the full path, which rewrites the entry.
+        trusted: with ``calls``: the tensors (parameter, state) whose storage, dtype and
+            shape the caller checked for this step, so that an operand that is one of them
+            at the position it held last step needs no checks but a fresh address.
     """
 
     name = "fused"
 
     def __init__(self, dtype: torch.dtype, negate: Tensor | None = None, seed: int = 0,
                  stochastic_bf16: bool = False, stochastic_int8: bool = False,
-                 batch: "KernelBatch | None" = None, batch_sums: bool = False):
+                 batch: "KernelBatch | None" = None, batch_sums: bool = False,
+                 calls: list | None = None, trusted: tuple = ()):
         if not available():
             raise RuntimeError(f"the fused engine needs numba: {unavailable_reason()}")
         self.batch = batch
@@ -1373,6 +1383,9 @@ class FusedEngine:
         self.seed = int(seed) & 0x3FFFFFFF
         self.stochastic_bf16 = stochastic_bf16
         self.stochastic_int8 = stochastic_int8
+        self.calls = calls
+        self.trusted = trusted
+        self._call = 0
 
     def _after_queued_writes(self, tensors) -> None:
         """Flush the batch if one of its queued maps writes one of ``tensors`` (which this
@@ -1407,6 +1420,20 @@ class FusedEngine:
 
     def map(self, fn: Callable, s, ins: Sequence, outs: Sequence, n_sums: int = 0) -> list[float]:
         # This runs once per tensor and step: it is kept to plain loops and attribute reads.
+        calls = self.calls
+        call = -1
+        if calls is not None:  # a generator apply's k-th map: repeat last step's if it fits
+            call = self._call
+            self._call = call + 1
+            if call < len(calls):
+                entry = calls[call]
+                if entry is not None:
+                    result = self._repeat(entry, fn, s, ins, outs, n_sums)
+                    if result is not None:
+                        return result
+                calls[call] = None
+            else:
+                calls.append(None)
         kinds: list[str] = []
         shapes = []
         quantized = False
@@ -1493,6 +1520,13 @@ class FusedEngine:
                     self.stochastic_bf16, self.stochastic_int8, negated, n_sums, outcomes)
             sums = Pending() if n_sums else None
             self.batch.add(spec, tuple(s), n, self.seed, operands, ins, sums, dims)
+            if call >= 0:
+                trusted = self.trusted
+                roles = tuple(next((r for r, x in enumerate(trusted) if x is t), -1)
+                              for t in ins)
+                calls[call] = (fn, type(s), len(outs), n_sums, spec, n, dims, roles,
+                               tuple(None if kind in ("none", "num") else t.shape
+                                     for t, kind in zip(ins, kinds)))
             return sums if n_sums else []
         self._after_queued_writes(ins)
         # a small tensor runs on the calling thread: waking the thread pool costs more
@@ -1545,6 +1579,61 @@ class FusedEngine:
             with _lock:
                 return list(kernel(*args))
         return list(kernel(*args))
+
+    def _repeat(self, entry: tuple, fn: Callable, s, ins: Sequence, outs: Sequence,
+                n_sums: int):
+        """Queue this map as last step's ``entry`` (see ``calls``) if it fits: the same rule,
+        scalars type, stores and engine settings, and per operand the same kind and shape
+        (an operand that is the trusted tensor it was is not checked again). None if it
+        does not fit, and nothing is queued."""
+        (efn, stype, n_outs, en_sums, spec, n, dims, roles, shapes) = entry
+        kinds = spec[1]
+        if (fn is not efn or type(s) is not stype or n_sums != en_sums or len(outs) != n_outs
+                or len(ins) != len(kinds) or spec[4] is not self.dtype
+                or spec[7] != self.stochastic_bf16 or spec[8] != self.stochastic_int8
+                or self.batch is None or (n_sums and not self.batch_sums)):
+            return None
+        stored = 0
+        for k, j in spec[2]:
+            if outs[k] is not ins[j]:
+                return None
+        for out in outs:
+            if out is not None:
+                stored += 1
+        if stored != len(spec[2]):
+            return None
+        trusted = self.trusted
+        operands = []
+        for t, kind, role, shape in zip(ins, kinds, roles, shapes):
+            if role >= 0 and trusted[role] is t:  # a checked tensor where it was
+                if kind in _FLOAT_ARRAYS:
+                    operands.append((t.data_ptr(), 0))
+                else:  # 8-bit state
+                    operands.append((t.codes.data_ptr(), t.absmax.data_ptr()))
+            elif kind in _FLOAT_ARRAYS:
+                if not (isinstance(t, Tensor) and _KINDS.get(t.dtype) == kind and t.is_cpu
+                        and t.is_contiguous() and t.shape == shape):
+                    return None
+                operands.append((t.data_ptr(), 0))
+            elif kind == "num":
+                if not isinstance(t, (int, float)):
+                    return None
+                operands.append((float(t), 0.0))
+            elif kind == "none" and t is None:
+                operands.append((0, 0.0))
+            else:  # 8-bit state that is not the trusted object it was
+                return None
+        negate = self.negate
+        negated = () if negate is None else tuple(
+            j for j, t in enumerate(ins) if t is negate and kinds[j] in _FLOAT_ARRAYS)
+        if negated != spec[9]:
+            return None
+        outcomes = rule_outcomes(fn, s, self.dtype)
+        if outcomes != spec[-1]:
+            spec = spec[:-1] + (outcomes,)
+        sums = Pending() if n_sums else None
+        self.batch.add(spec, tuple(s), n, self.seed, operands, ins, sums, dims)
+        return sums if n_sums else []
 
     def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._after_queued_writes((x,))
