@@ -1083,15 +1083,17 @@ def test_generator_rules_repeat_their_maps_and_notice_every_change(name, config,
 
 def test_a_repeated_map_that_no_longer_fits_takes_the_full_path():
     """FusedEngine(calls=...): a map whose operand changed shape or kind since the entry was
-    recorded, or whose rule differs, is not re-queued from the entry; it is built anew (and
-    the entry rewritten), giving what a fresh engine gives."""
+    recorded, whose rule differs, or whose operand is now read negated (maximize), is not
+    re-queued from the entry; it is built anew (and the entry rewritten), giving what a fresh
+    engine gives."""
     calls = []
     x = torch.ones(10, dtype=torch.float64)
     outputs = []
 
-    def phase(c, y=None):
+    def phase(c, y=None, negate=None):
         batch = fused_cpu.KernelBatch()
-        engine = fused_cpu.FusedEngine(torch.float64, batch=batch, calls=calls, trusted=(x,))
+        engine = fused_cpu.FusedEngine(torch.float64, batch=batch, calls=calls, trusted=(x,),
+                                       negate=negate)
         engine.map(_add, _Unused(0.0), [x, c], [x])
         if y is not None:
             engine.map(_accumulate, _Unused(0.0), [y, x], [y])
@@ -1099,17 +1101,22 @@ def test_a_repeated_map_that_no_longer_fits_takes_the_full_path():
         outputs.append(x.clone())
 
     phase(2.0)  # recorded: (x, number)
-    assert calls[0][-2] == (0, -1)  # x is trusted object 0; the number is not a tensor
+    assert calls[0].roles == (0, -1)  # x is trusted object 0; the number is not a tensor
     entry = calls[0]
     phase(1.0)  # repeated with the new number
     assert calls[0] is entry
     phase(torch.full((10,), 0.5, dtype=torch.float64))  # a tensor where a number was
-    assert calls[0] is not entry and calls[0][4][1] == ("f64", "f64")
+    assert calls[0] is not entry and calls[0].spec[1] == ("f64", "f64")
     entry = calls[0]
     phase(torch.full((5,), 0.5, dtype=torch.float64)[:1].expand(10))  # broadcast: not batched
     assert calls[0] is None
     y = torch.zeros(10, dtype=torch.float64)
     phase(0.25, y)  # a second map: a new entry
-    assert len(calls) == 2 and calls[1][0] is _accumulate
-    assert [float(o[0]) for o in outputs] == [3.0, 4.0, 4.5, 5.0, 5.25]
+    assert len(calls) == 2 and calls[1].spec[0] is _accumulate
+    c = torch.full((10,), 0.5, dtype=torch.float64)
+    phase(c)
+    entry = calls[0]
+    phase(c, negate=c)  # the same operands, c now read with its sign flipped
+    assert calls[0] is not entry and calls[0].spec[9] == (1,)
+    assert [float(o[0]) for o in outputs] == [3.0, 4.0, 4.5, 5.0, 5.25, 5.75, 5.25]
     assert torch.equal(y, torch.full((10,), 5.25, dtype=torch.float64))

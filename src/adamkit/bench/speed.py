@@ -121,10 +121,6 @@ class CountingEngine(ReferenceEngine):
         self.read = 0
         self.written = 0
 
-    @property
-    def bytes(self) -> int:
-        return self.read + self.written
-
     def map(self, fn, s, ins, outs, n_sums=0):
         # only the traffic matters here, not the values
         self.read += sum(storage.state_nbytes(t) for t in ins)
@@ -156,12 +152,6 @@ def traffic_per_param(name: str, state_dtype: str | None, kwargs: dict | None = 
     with torch.no_grad():
         opt.apply_now(engine, s, p.detach(), p.grad, slots)
     return engine.read / p.numel(), engine.written / p.numel()
-
-
-def bytes_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
-                    shape=(64, 4096)) -> float:
-    """Bytes per parameter that one step of ``name`` moves (read + written)."""
-    return sum(traffic_per_param(name, state_dtype, kwargs, shape))
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -57,7 +57,7 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -1135,6 +1135,26 @@ def _sq_means(means: dict) -> None:
             numba_ops.sq_means_many(*args)
 
 
+def _negated(ins: Sequence, kinds: Sequence[str], negate) -> tuple:
+    """The positions of the array operands read with their sign flipped (``negate``: the
+    gradient under ``maximize=True``, else None)."""
+    if negate is None:
+        return ()
+    return tuple(j for j, t in enumerate(ins) if t is negate and kinds[j] in _FLOAT_ARRAYS)
+
+
+class _Call(NamedTuple):
+    """A batched map as a generator ``apply`` queued it last step (``FusedEngine(calls=...)``):
+    its kernel spec and size, and per operand the index of the ``trusted`` object it was (-1:
+    none) and its shape (None for numbers and absent operands)."""
+
+    spec: tuple
+    n: int
+    dims: tuple | None
+    roles: tuple
+    shapes: tuple
+
+
 class Pending:
     """The sums of a map deferred to a :class:`KernelBatch`; ``value`` is set by ``flush()``.
 
@@ -1357,13 +1377,12 @@ class FusedEngine:
         batch_sums: whether maps with sums are batched too; ``map`` then returns a
             :class:`Pending` for them, to be yielded (only for generator ``apply``).
         calls: a list kept from one step of a parameter to the next, to repeat a generator
-            ``apply``'s batched maps cheaply: entry k describes this engine's k-th ``map``
-            call of the last step (its kernel, sizes and which operands were ``trusted``
-            objects), None where that call was not batched. A call that matches its entry
-            reuses it (only new addresses, scalars and outcomes are looked up); any other
-            takes the full path, which rewrites the entry.
-        trusted: with ``calls``: the tensors (parameter, state) whose storage, dtype and
-            shape the caller checked for this step, so that an operand that is one of them
+            ``apply``'s batched maps cheaply: entry k (a ``_Call``) describes this engine's
+            k-th ``map`` call of the last step, None where that call was not batched. A call
+            that matches its entry reuses it (only new addresses, scalars and outcomes are
+            looked up); any other takes the full path, which rewrites the entry.
+        trusted: with ``calls``: the tensors (parameter, gradient, state) whose storage,
+            dtype and shape the caller checked for this step, so that an operand that is one of them
             at the position it held last step needs no checks but a fresh address.
     """
 
@@ -1487,8 +1506,7 @@ class FusedEngine:
         fields = type(s)._fields
         n_results = len(outs) + n_sums
         # the sign flip of maximize=True is compiled in: such steps use their own kernels
-        negated = () if self.negate is None else tuple(
-            j for j, t in enumerate(ins) if t is self.negate and kinds[j] in _FLOAT_ARRAYS)
+        negated = _negated(ins, kinds, self.negate)
         # the rule's scalar-only branches and exponents, resolved per kernel (the tensors of a
         # param group share their scalars, so the outcomes are looked up, not re-evaluated)
         outcomes = rule_outcomes(fn, s, self.dtype)
@@ -1524,9 +1542,9 @@ class FusedEngine:
                 trusted = self.trusted
                 roles = tuple(next((r for r, x in enumerate(trusted) if x is t), -1)
                               for t in ins)
-                calls[call] = (fn, type(s), len(outs), n_sums, spec, n, dims, roles,
-                               tuple(None if kind in ("none", "num") else t.shape
-                                     for t, kind in zip(ins, kinds)))
+                calls[call] = _Call(spec, n, dims, roles,
+                                    tuple(None if kind in ("none", "num") else t.shape
+                                          for t, kind in zip(ins, kinds)))
             return sums if n_sums else []
         self._after_queued_writes(ins)
         # a small tensor runs on the calling thread: waking the thread pool costs more
@@ -1580,27 +1598,26 @@ class FusedEngine:
                 return list(kernel(*args))
         return list(kernel(*args))
 
-    def _repeat(self, entry: tuple, fn: Callable, s, ins: Sequence, outs: Sequence,
+    def _repeat(self, entry: _Call, fn: Callable, s, ins: Sequence, outs: Sequence,
                 n_sums: int):
         """Queue this map as last step's ``entry`` (see ``calls``) if it fits: the same rule,
-        scalars type, stores and engine settings, and per operand the same kind and shape
+        scalars fields, stores and engine settings, and per operand the same kind and shape
         (an operand that is the trusted tensor it was is not checked again). None if it
         does not fit, and nothing is queued."""
-        (efn, stype, n_outs, en_sums, spec, n, dims, roles, shapes) = entry
-        kinds = spec[1]
-        if (fn is not efn or type(s) is not stype or n_sums != en_sums or len(outs) != n_outs
-                or len(ins) != len(kinds) or spec[4] is not self.dtype
-                or spec[7] != self.stochastic_bf16 or spec[8] != self.stochastic_int8
-                or self.batch is None or (n_sums and not self.batch_sums)):
+        spec, n, dims, roles, shapes = entry
+        # spec: (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8,
+        #        negated, n_sums, outcomes), as map() builds it
+        kinds, stores = spec[1], spec[2]
+        if (fn is not spec[0] or type(s)._fields != spec[6] or n_sums != spec[10]
+                or len(outs) + n_sums != spec[3] or len(ins) != len(kinds)
+                or spec[4] is not self.dtype or spec[7] != self.stochastic_bf16
+                or spec[8] != self.stochastic_int8 or self.batch is None
+                or (n_sums and not self.batch_sums)):
             return None
-        stored = 0
-        for k, j in spec[2]:
+        for k, j in stores:
             if outs[k] is not ins[j]:
                 return None
-        for out in outs:
-            if out is not None:
-                stored += 1
-        if stored != len(spec[2]):
+        if sum(out is not None for out in outs) != len(stores):
             return None
         trusted = self.trusted
         operands = []
@@ -1623,10 +1640,7 @@ class FusedEngine:
                 operands.append((0, 0.0))
             else:  # 8-bit state that is not the trusted object it was
                 return None
-        negate = self.negate
-        negated = () if negate is None else tuple(
-            j for j, t in enumerate(ins) if t is negate and kinds[j] in _FLOAT_ARRAYS)
-        if negated != spec[9]:
+        if _negated(ins, kinds, self.negate) != spec[9]:
             return None
         outcomes = rule_outcomes(fn, s, self.dtype)
         if outcomes != spec[-1]:
