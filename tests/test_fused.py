@@ -721,7 +721,7 @@ def _assert_same(params, other_params, states, other_states) -> None:
 @pytest.mark.parametrize("name,kwargs", [
     ("adamw", dict(weight_decay=0.1)), ("radam", dict()), ("sgd", dict(momentum=0.9)),
     ("lion", dict()), ("adagrad", dict()), ("rmsprop", dict(centered=True)),
-    ("nadam", dict(weight_decay=0.1))])
+    ("nadam", dict(weight_decay=0.1)), ("fadam", dict())])
 def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, config,
                                                                   monkeypatch):
     """From a param group's second step its maps are added as one block per kernel, with the
@@ -733,11 +733,18 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     bfloat16 parameters rounded stochastically; two groups; a parameter that sits two steps
     out and comes back a step count behind (two counts in one group: RAdam's rectified and
     unrectified kernels); a new learning rate; maximize switched; a parameter replaced in its
-    group. The path must be taken exactly where nothing it depends on changed."""
+    group. The path must be taken exactly where nothing it depends on changed.
+
+    FAdam (a generator apply with vectorized_apply) takes optimizer._GroupLockstepPlan instead:
+    its generator runs once per cohort of tensors on arrays of their sums (int8 state: the
+    tensors over and under 4096 elements are two cohorts), so its per-tensor scalars must
+    come out of the array arithmetic bit for bit as from the per-tensor generators."""
     dtype, state_dtype, sr = ((torch.float32, "int8", False) if config == "float32-int8"
                               else (torch.bfloat16, None, True))
     taken = []
-    original = adamkit.optimizer._GroupPlan.repeat
+    plan_type = adamkit.optimizer._GroupLockstepPlan if name == "fadam" \
+        else adamkit.optimizer._GroupPlan
+    original = plan_type.repeat
 
     def spy(self, opt, group, batch):
         result = original(self, opt, group, batch)
@@ -745,10 +752,9 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
         return result
 
     def run(fast):
-        monkeypatch.setattr(adamkit.optimizer._GroupPlan, "repeat", spy)
+        monkeypatch.setattr(plan_type, "repeat", spy)
         if not fast:
-            monkeypatch.setattr(adamkit.optimizer._GroupPlan, "record",
-                                classmethod(lambda *args: None))
+            monkeypatch.setattr(plan_type, "record", classmethod(lambda *args: None))
         gen = torch.Generator().manual_seed(5)
         shapes = [[(5000,), (30, 40), (7,)], [(4100,), (3, 3)]]
         groups = [[torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shp]
@@ -782,13 +788,14 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
         opt.param_groups[1]["maximize"] = True
         step()  # group 1 per tensor (settings changed)
         step()
+        retired = groups[0][2]  # compared too: in a cohort, it followed another tensor
         groups[0][2] = torch.randn(7, generator=gen).to(dtype).requires_grad_()
         opt.param_groups[0]["params"][2] = groups[0][2]
         step()  # a new parameter in group 0: per tensor
         step()
         monkeypatch.undo()
-        state = [opt.state[p] for params in groups for p in params]
-        return [p.detach().clone() for params in groups for p in params], state, log
+        every = [p for params in groups for p in params] + [retired]
+        return [p.detach().clone() for p in every], [opt.state[p] for p in every], log
 
     fast, fast_state, log = run(True)
     slow, slow_state, slow_log = run(False)
@@ -1022,6 +1029,9 @@ def test_generator_rules_repeat_their_maps_and_notice_every_change(name, config,
     def run(fast):
         monkeypatch.setattr(adamkit.optimizer._LockstepPlan, "repeat", spy_plan)
         monkeypatch.setattr(fused_cpu.FusedEngine, "_repeat", spy_engine)
+        # the per-tensor plans, without the group-level one of a vectorized apply (FAdam)
+        monkeypatch.setattr(adamkit.optimizer._GroupLockstepPlan, "record",
+                            classmethod(lambda *args: None))
         if not fast:
             monkeypatch.setattr(adamkit.optimizer._LockstepPlan, "record",
                                 classmethod(lambda *args: None))
@@ -1120,3 +1130,45 @@ def test_a_repeated_map_that_no_longer_fits_takes_the_full_path():
     assert calls[0] is not entry and calls[0].spec[9] == (1,)
     assert [float(o[0]) for o in outputs] == [3.0, 4.0, 4.5, 5.0, 5.25, 5.75, 5.25]
     assert torch.equal(y, torch.full((10,), 5.25, dtype=torch.float64))
+
+
+def test_a_vectorized_apply_must_queue_the_maps_it_recorded():
+    """A generator apply that declares vectorized_apply runs once per param group from the
+    group's second step, standing for every tensor; if it then queues other maps than the
+    per-tensor generators recorded (a branch on something other than its inputs), the step
+    stops with an error naming the contract. A subclass that overrides apply does not inherit
+    the declaration."""
+    from adamkit.algorithms.fadam import FAdam, _square
+    from adamkit.optimizer import _vectorizes
+
+    class Drifting(FAdam):
+        vectorized_apply = True
+        extra = 0  # maps of g^2 queued after FAdam's passes
+
+        def apply(self, engine, s, p, g, slots):
+            yield from FAdam.apply(self, engine, s, p, g, slots)
+            for _ in range(self.extra):
+                yield engine.map(_square, s, [g], [], n_sums=1)
+
+    class Overriding(FAdam):
+        def apply(self, engine, s, p, g, slots):
+            return FAdam.apply(self, engine, s, p, g, slots)
+
+    assert _vectorizes(FAdam) and _vectorizes(Drifting)
+    assert not _vectorizes(Overriding)
+    for recorded, now, message in [(0, 1, "one map more than recorded"),
+                                    (1, 0, "fewer maps than recorded")]:
+        params = [torch.randn(50, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
+        opt = Drifting(params, lr=0.01)
+
+        def step(extra):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.extra = extra
+            opt.step()
+
+        step(recorded)  # per tensor: the maps are recorded
+        step(recorded)  # vectorized, as recorded
+        with pytest.raises(RuntimeError,
+                           match=f"vectorized apply: .*{message}.*vectorized_apply = True"):
+            step(now)

@@ -19,7 +19,8 @@ An algorithm subclasses :class:`Optimizer` and declares, in its own file:
   yields each map whose sums it needs (``(total,) = yield engine.map(..., n_sums=1)``) and
   yields before it reads a tensor an earlier map wrote. On the fused engine every tensor's
   program then advances in lockstep: each ``yield`` is a point where the step runs all tensors'
-  pending maps with one launch per kernel (see :meth:`Optimizer._run_in_lockstep`).
+  pending maps with one launch per kernel (see :meth:`Optimizer._run_in_lockstep`); with
+  ``vectorized_apply = True`` it is also run once for a whole param group on arrays (FAdam);
 
 Everything else lives here, once: param groups and their validation, lazy state creation,
 ``maximize``, complex parameters (as real views, like torch), sparse gradients (the rule runs on
@@ -99,6 +100,14 @@ class Optimizer(torch.optim.Optimizer):
     #: for repeated steps, see _GroupPlan). A subclass that overrides ``scalars`` does not
     #: inherit it (it must say so again).
     scalars_from_step: ClassVar[bool] = False
+    #: a generator ``apply`` that also runs once for a whole param group on the fused fast
+    #: path (see _GroupLockstepPlan): ``p``, ``g`` and the slots then stand for all the
+    #: group's tensors (only ``numel()`` is available: an array of sizes), the sums arrive
+    #: as NumPy arrays with one value per tensor, and the scalars it computes from them may be
+    #: such arrays, so its arithmetic must be written with operators and ``ops``' ``sqrt``,
+    #: ``minimum`` and ``maximum``, without branches on sums or sizes. Needs
+    #: ``scalars_from_step``. A subclass that overrides ``apply`` does not inherit it.
+    vectorized_apply: ClassVar[bool] = False
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
     sparse_note: ClassVar[str] = ""
@@ -294,9 +303,12 @@ class Optimizer(torch.optim.Optimizer):
         plans = None if batch is None or not (default_apply or lockstep) \
             else self.__dict__.setdefault("_plans", {})
         plan_type = _Plan if default_apply else _LockstepPlan
-        # ... and a whole param group whose tensors all do, one that repeats as a block
-        group_plans = None if plans is None or not default_apply \
+        # ... and a whole param group whose tensors all do, one that repeats as a block (for
+        # a generator apply: one vectorized run of the generator, see _GroupLockstepPlan)
+        vectorized = lockstep and _vectorizes(type(self))
+        group_plans = None if plans is None or not (default_apply or vectorized) \
             else self.__dict__.setdefault("_group_plans", {})
+        unplanned = []  # groups that took the per-tensor path, to record after their maps ran
         # parameters' step counters, incremented together at the end (see advance_step)
         pending = self._pending_steps = []
         try:
@@ -321,12 +333,18 @@ class Optimizer(torch.optim.Optimizer):
                     self._step_parameter(group, p, (gi, pi))
                     plans[p] = plan_type.record(
                         self, group, p, grad, batch.last if default_apply else self._calls)
-                if group_plans is not None:
+                if group_plans is not None and default_apply:
                     group_plan = _GroupPlan.record(self, group, gi, plans)
                     if group_plan is not None:
                         group_plans[gi] = group_plan
+                elif group_plans is not None:
+                    unplanned.append(gi)
             if self._lockstep:
                 self._run_in_lockstep(self._lockstep, batch)
+            for gi in unplanned:  # their generators' maps are all recorded now
+                group_plan = _GroupLockstepPlan.record(self, self.param_groups[gi], gi, plans)
+                if group_plan is not None:
+                    group_plans[gi] = group_plan
         finally:
             self._batch = self._pending_steps = self._lockstep = self._calls = None
             if pending:
@@ -719,6 +737,15 @@ def _seed_base(numel: int, where: tuple[int, int]) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _vectorizes(cls: type) -> bool:
+    """``cls.vectorized_apply`` (with ``scalars_from_step``), unless ``apply`` is overridden
+    below the class that set it."""
+    flag = next(k for k in cls.__mro__ if "vectorized_apply" in vars(k))
+    rule = next(k for k in cls.__mro__ if "apply" in vars(k))
+    return bool(cls.vectorized_apply) and issubclass(flag, rule) and _shares_scalars(cls)
+
+
+@functools.lru_cache(maxsize=None)
 def _shares_scalars(cls: type) -> bool:
     """``cls.scalars_from_step``, unless ``scalars`` is overridden below the class that set it
     (a subclass whose scalars read more of the state must not inherit the promise)."""
@@ -796,35 +823,40 @@ class _GroupPlan:
             self.parts.append(part)
         return self
 
-    def repeat(self, opt: Optimizer, group: dict, batch) -> bool:
-        """Add this step of the group's tensors to ``batch`` if nothing changed; False (and
-        no effect) if something did."""
-        import numpy as np
-
+    def _checked(self, opt: Optimizer, group: dict):
+        """(states, gradients) of the group's tensors with gradients if nothing this plan
+        depends on changed; None (and no effect) if something did."""
         params = group["params"]
         if group is not self.group or len(params) != len(self.params):
-            return False
+            return None
         checked = set()  # settings of maximize and storage, once per distinct value
         states, grads = [], []
         for p, q, plan in zip(params, self.params, self.plans):
             g = p.grad
             if p is not q:
-                return False
+                return None
             if plan is None:
                 if g is not None:
-                    return False
+                    return None
                 continue
             if g is None:
-                return False
+                return None
             if (plan.maximize, plan.settings) not in checked:
                 if not plan.same_settings(opt, group):
-                    return False
+                    return None
                 checked.add((plan.maximize, plan.settings))
             state = plan.unchanged_state(opt, group, p, g)
             if state is None:
-                return False
+                return None
             states.append(state)
             grads.append(g)
+        return states, grads
+
+    @staticmethod
+    def _scalars(opt: Optimizer, group: dict, states: list):
+        """The step's scalars (advancing every tensor's step count): ``found`` maps each
+        distinct (step count, scalars_key) to (index, scalars, count, counted, first state);
+        ``which`` gives each tensor's index."""
         # the scalars, once per distinct step count and scalars_key (the tensors of a group
         # usually share one)
         pending = opt._pending_steps
@@ -850,6 +882,18 @@ class _GroupPlan:
                         pending.append(step)
                 opt.share_scalars(state, entry[4])
             which.append(entry[0])
+        return found, which
+
+    def repeat(self, opt: Optimizer, group: dict, batch) -> bool:
+        """Add this step of the group's tensors to ``batch`` if nothing changed; False (and
+        no effect) if something did."""
+        import numpy as np
+
+        checked = self._checked(opt, group)
+        if checked is None:
+            return False
+        states, grads = checked
+        found, which = self._scalars(opt, group, states)
         addresses = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
         for part in self.parts:
             chosen = part.positions
@@ -877,3 +921,267 @@ class _GroupPlan:
                     columns = [c[select] for c in columns]
                 batch.add_block(spec, svs, ns, seeds, columns, grads, part.writes)
         return True
+
+
+class _Stack:
+    """One tensor role (the parameter, the gradient or a state slot) of all the tensors of a
+    cohort, as a vectorized generator ``apply`` sees it (see ``Optimizer.vectorized_apply``):
+    ``numel()`` is an array of their sizes; passed to ``engine.map`` it stands for each."""
+
+    __slots__ = ("role", "sizes")
+
+    def __init__(self, role: int, sizes):
+        self.role = role
+        self.sizes = sizes
+
+    def numel(self):
+        return self.sizes
+
+
+class _CohortCall:
+    """The k-th map of a cohort's generator as the tables of a KernelBatch block: the kernel
+    spec without its outcomes, per operand the trusted object it is (its role: 0 the
+    parameter, 1 the gradient, 2 + i slot i; -1 for numbers and absent operands) and where
+    its table is, and the tables of what does not change from step to step."""
+
+    __slots__ = ("spec_base", "fn", "kinds", "stores", "n_results", "n_sums", "dtype",
+                 "roles", "column", "ns", "columns", "grad_columns", "number_columns",
+                 "store_columns", "read_columns")
+
+
+class _Cohort:
+    """The tensors of a :class:`_GroupLockstepPlan` whose generators queued the same sequence
+    of maps (same kernels and operand roles) last step: one vectorized run serves them all."""
+
+    __slots__ = ("positions", "names", "sizes", "seed_bases", "calls")
+
+
+class _GroupLockstepPlan(_GroupPlan):
+    """A param group's last step for a rule with a generator ``apply`` that declares
+    ``vectorized_apply`` (FAdam), when every tensor of the group with a gradient took the
+    fused fast path (:class:`_LockstepPlan`) and all of its generator's maps were batched.
+
+    :meth:`repeat` makes the checks :class:`_GroupPlan` makes and calls ``scalars`` once per
+    distinct step count, then runs the generator once per cohort (tensors whose generators
+    queued the same kernels on the same operand roles) on a :class:`_BlockEngine`: ``p``,
+    ``g`` and the slots are :class:`_Stack` objects, the sums arrive as arrays with one value
+    per tensor, and each map becomes one block of ready-made tables (new gradient addresses,
+    scalars, seeds). A small model's FAdam step was mostly the per-tensor Python of its
+    three passes. Anything it does not cover returns False before any effect, and the group
+    takes the per-tensor path, which records a new plan."""
+
+    __slots__ = ()
+
+    @classmethod
+    def record(cls, opt: Optimizer, group: dict, gi: int,
+               plans: dict) -> "_GroupLockstepPlan | None":
+        import numpy as np
+
+        if not _vectorizes(type(opt)):
+            return None
+        params = list(group["params"])
+        entries = []
+        by_sequence: dict = {}
+        position = 0
+        for pi, p in enumerate(params):
+            if p.grad is None:
+                entries.append(None)
+                continue
+            plan = plans.get(p)
+            if not isinstance(plan, _LockstepPlan) or not plan.last:
+                return None
+            sequence = [plan.names, plan.maximize, plan.settings]
+            for call in plan.last:  # a map that ran at once, or over whole rows: not covered
+                if call is None or call.dims is not None or any(
+                        role < 0 and kind not in ("num", "none")
+                        for role, kind in zip(call.roles, call.spec[1])):
+                    return None
+                sequence.append((call.spec[:-1], call.roles))
+            by_sequence.setdefault(tuple(sequence), []).append((position, pi, p, plan))
+            entries.append(plan)
+            position += 1
+        if not by_sequence:
+            return None
+        self = cls()
+        self.group = group
+        self.params = params
+        self.plans = entries
+        self.parts = [_new_cohort(members, gi) for members in by_sequence.values()]
+        return self
+
+    def repeat(self, opt: Optimizer, group: dict, batch) -> bool:
+        """Queue this step's generators of the group's tensors (in ``opt._lockstep``) if
+        nothing changed; False (and no effect) if something did."""
+        import numpy as np
+
+        checked = self._checked(opt, group)
+        if checked is None:
+            return False
+        states, grads = checked
+        found, which = self._scalars(opt, group, states)
+        addresses = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
+        for cohort in self.parts:
+            chosen = cohort.positions
+            for index, s, count, _, _ in found.values():
+                select = None
+                if len(found) > 1:
+                    select = np.array([which[i] == index for i in chosen])
+                    if not select.any():
+                        continue
+                engine = _BlockEngine(cohort, select, addresses[chosen], count, batch, grads)
+                stacks = engine.stacks
+                program = opt.apply(engine, s, stacks[0], stacks[1],
+                                    dict(zip(cohort.names, stacks[2:])))
+                opt._lockstep.append(_bind(program, engine))
+        return True
+
+
+def _bind(program, engine):
+    """``program`` (a generator apply running on ``engine``), checking at its end that it
+    queued every map the cohort recorded."""
+    yield from program
+    engine.finish()
+
+
+def _new_cohort(members: list, gi: int) -> _Cohort:
+    import numpy as np
+
+    cohort = _Cohort()
+    first = members[0][3]
+    cohort.positions = [m[0] for m in members]
+    cohort.names = first.names
+    cohort.sizes = np.array([p.numel() for _, _, p, _ in members], dtype=np.int64)
+    cohort.seed_bases = np.array(
+        [_seed_base(p.numel(), (gi, pi)) & _U64 for _, pi, p, _ in members], dtype=np.uint64)
+    cohort.calls = []
+    for k, recorded in enumerate(first.last):
+        call = _CohortCall()
+        spec = recorded.spec
+        call.spec_base = spec[:-1]
+        call.fn, call.kinds, call.stores, call.n_results, call.dtype = \
+            spec[0], spec[1], spec[2], spec[3], spec[4]
+        call.n_sums = spec[10]
+        call.roles = recorded.roles
+        call.column = [fused_cpu.operand_column(call.kinds, j) for j in range(len(call.kinds))]
+        call.ns = np.array([m[3].last[k].n for m in members], dtype=np.int64)
+        operands = []
+        for _, _, p, plan in members:
+            row = []
+            for role, kind in zip(call.roles, call.kinds):
+                if role == 0:
+                    row.append((plan.address, 0))
+                elif role >= 2:  # (name, object, quantized, address, second address)
+                    row.append((plan.checks[role - 2][3], plan.checks[role - 2][4]))
+                else:  # the gradient, a number or nothing: filled in at each step
+                    row.append((0.0 if kind == "num" else 0, 0))
+            operands.append(row)
+        call.columns = fused_cpu.operand_columns(call.kinds, operands)
+        call.grad_columns = [call.column[j] for j, role in enumerate(call.roles) if role == 1]
+        call.number_columns = [(j, call.column[j]) for j, kind in enumerate(call.kinds)
+                               if kind == "num"]
+        call.store_columns = [call.column[j] for _, j in call.stores]
+        call.read_columns = [call.column[j] for j, role in enumerate(call.roles) if role >= 0]
+        cohort.calls.append(call)
+    return cohort
+
+
+class _BlockEngine:
+    """The engine a vectorized generator ``apply`` runs on for a cohort (see
+    :class:`_GroupLockstepPlan`): its k-th ``map`` must be the k-th map the cohort recorded
+    (same rule, operands the same roles, numbers where numbers were), and is queued as one
+    block for all the cohort's tensors (those of one step count: ``select``)."""
+
+    def __init__(self, cohort: _Cohort, select, grad_addresses, count: int, batch, keep):
+        import numpy as np
+
+        self.cohort = cohort
+        self.select = select
+        self.batch = batch
+        self.keep = keep
+        seeds = ((cohort.seed_bases + np.uint64((count * _SEED_STEP) & _U64))
+                 & np.uint64(_SEED_MASK)).astype(np.int64)
+        self.sizes = cohort.sizes
+        if select is not None:
+            grad_addresses, seeds, self.sizes = \
+                grad_addresses[select], seeds[select], self.sizes[select]
+        self.grad_addresses = grad_addresses
+        self.seeds = seeds
+        self.rows = len(seeds)
+        #: what the generator gets for the parameter, the gradient and each slot
+        self.stacks = [_Stack(role, self.sizes) for role in range(2 + len(cohort.names))]
+        self._call = 0
+
+    def _unfit(self, call: int, why: str):
+        return RuntimeError(
+            f"vectorized apply: map {call} of this step does not match the one recorded for "
+            f"the param group ({why}); a rule with vectorized_apply = True must queue the "
+            "same maps on the same operands every step (see Optimizer.vectorized_apply)")
+
+    def map(self, fn, s, ins, outs, n_sums: int = 0):
+        import numpy as np
+
+        k = self._call
+        self._call = k + 1
+        calls = self.cohort.calls
+        if k >= len(calls):
+            raise self._unfit(k, "one map more than recorded")
+        call = calls[k]
+        if fn is not call.fn or n_sums != call.n_sums or len(ins) != len(call.kinds) \
+                or len(outs) + n_sums != call.n_results:
+            raise self._unfit(k, "another rule or arity")
+        for a, j in call.stores:
+            if outs[a] is not ins[j]:
+                raise self._unfit(k, "other stores")
+        if sum(out is not None for out in outs) != len(call.stores):
+            raise self._unfit(k, "other stores")
+        stacks = self.stacks
+        for t, role, kind in zip(ins, call.roles, call.kinds):
+            if role >= 0:
+                if role >= len(stacks) or t is not stacks[role]:
+                    raise self._unfit(k, "another operand")
+            elif kind == "none":
+                if t is not None:
+                    raise self._unfit(k, "another operand")
+            elif not isinstance(t, (int, float, np.ndarray)) or isinstance(t, bool):
+                raise self._unfit(k, "a number was expected")
+        select = self.select
+        columns = call.columns if select is None else [c[select] for c in call.columns]
+        columns = list(columns)
+        ns = call.ns if select is None else call.ns[select]
+        rows = self.rows
+        for column in call.grad_columns:
+            columns[column] = self.grad_addresses
+        for j, column in call.number_columns:
+            values = np.empty(rows, dtype=np.float64)
+            values[:] = ins[j]
+            columns[column] = values
+        values = tuple(s)
+        svs = np.empty((rows, len(values)), dtype=np.float64)
+        for c, value in enumerate(values):
+            svs[:, c] = value
+        writes = [a for column in call.store_columns for a in columns[column].tolist()]
+        reads = [columns[column] for column in call.read_columns]
+        sums = None
+        if n_sums:
+            sums = fused_cpu.Pending()
+            sums.value = [np.empty(rows, dtype=np.float64) for _ in range(n_sums)]
+        for outcomes, chosen in fused_cpu.block_outcomes(fn, s, call.dtype, rows):
+            spec = call.spec_base + (outcomes,)
+            if chosen is None:
+                self.batch.add_block(spec, svs, ns, self.seeds, columns, self.keep, writes,
+                                     sums=sums, reads=reads)
+            else:
+                self.batch.add_block(
+                    spec, svs[chosen], ns[chosen], self.seeds[chosen],
+                    [c[chosen] for c in columns], self.keep,
+                    [a for column in call.store_columns
+                     for a in columns[column][chosen].tolist()],
+                    sums=sums, rows=chosen, reads=[c[chosen] for c in reads])
+        return sums if n_sums else []
+
+    def mean_sq_last_dims(self, x):
+        raise self._unfit(self._call, "mean_sq_last_dims is not vectorized")
+
+    def finish(self) -> None:
+        if self._call != len(self.cohort.calls):
+            raise self._unfit(self._call, "fewer maps than recorded")

@@ -6,6 +6,7 @@ import math
 from typing import NamedTuple
 
 from .. import validation as v
+from ..engines.ops import maximum, minimum, sqrt
 from ..optimizer import Optimizer
 
 
@@ -84,6 +85,8 @@ class FAdam(Optimizer):
     }
     slot_names = ("exp_avg", "fim")
     nonnegative_slots = ("fim",)
+    scalars_from_step = True
+    vectorized_apply = True
 
     def __init__(
         self,
@@ -119,14 +122,16 @@ class FAdam(Optimizer):
         )
 
     def apply(self, engine, s: FAdamScalars, p, g, slots):
-        # a generator: each yield waits for the sums (see Optimizer.apply)
+        # a generator: each yield waits for the sums (see Optimizer.apply). Vectorized (see
+        # Optimizer.vectorized_apply): on the fused fast path n and the sums are arrays with
+        # one value per tensor of the group, hence ops' minimum, maximum and sqrt.
         n = p.numel()
         fim, exp_avg = slots["fim"], slots["exp_avg"]
         (g_sq,) = yield engine.map(_square, s, [g], [], n_sums=1)
-        s = s._replace(eps_t=s.eps * min(1.0, math.sqrt(g_sq / n)))
+        s = s._replace(eps_t=s.eps * minimum(1.0, sqrt(g_sq / n)))
         g_bar_sq, w_sq = yield engine.map(_clip_sums_pass, s, [p, g, fim], [], n_sums=2)
         s = s._replace(
-            grad_scale=s.clip / max(1.0, math.sqrt(g_bar_sq / n)),
-            weight_scale=s.clip / max(1.0, math.sqrt(w_sq / n)),
+            grad_scale=s.clip / maximum(1.0, sqrt(g_bar_sq / n)),
+            weight_scale=s.clip / maximum(1.0, sqrt(w_sq / n)),
         )
         engine.map(_update_pass, s, [p, g, fim, exp_avg], [p, fim, exp_avg])

@@ -459,6 +459,28 @@ def _rule_program(fn: Callable) -> _RuleProgram:
     return program
 
 
+def block_outcomes(fn: Callable, s, dtype: torch.dtype, rows: int) -> list:
+    """:func:`rule_outcomes` for a block of ``rows`` maps whose scalars ``s`` may hold NumPy
+    arrays (one value per map): ``[(outcomes, indices)]`` per distinct outcome, ``indices``
+    None when one outcome holds for all rows (the usual case: branches and exponents read
+    hyperparameters, which a block shares)."""
+    import numpy as np
+
+    program = _PROGRAMS.get(fn) or _rule_program(fn)
+    if not program.points:
+        return [((), None)]
+    read = s if program.fields is None else [getattr(s, f) for f in program.fields]
+    if not any(isinstance(v, np.ndarray) for v in read):
+        return [(rule_outcomes(fn, s, dtype), None)]
+    found: dict = {}
+    for i in range(rows):
+        row = type(s)(*(float(v[i]) if isinstance(v, np.ndarray) else v for v in s))
+        found.setdefault(rule_outcomes(fn, row, dtype), []).append(i)
+    if len(found) == 1:
+        return [(next(iter(found)), None)]
+    return [(outcomes, np.array(indices, dtype=np.int64)) for outcomes, indices in found.items()]
+
+
 def rule_outcomes(fn: Callable, s, dtype: torch.dtype) -> tuple:
     """The rule's scalar-only branch outcomes and exponents for scalars ``s`` (part of a
     kernel's identity). The tensors of a param group share their scalars, so the outcomes are
@@ -1274,14 +1296,22 @@ class KernelBatch:
         self.add(spec, tuple(s), n, seed, operands, keep)
 
     def add_block(self, spec: tuple, svs, ns, seeds, columns: list, keep,
-                  writes: Sequence[int]) -> None:
+                  writes: Sequence[int], sums: "Pending | None" = None, rows=None,
+                  reads: Sequence = ()) -> None:
         """Add many maps of one kernel at once, as the tables :meth:`flush` passes it: scalars
         ``svs`` (one row per map), sizes ``ns``, ``seeds`` and the operand ``columns`` in
         kernel argument order (NumPy arrays). ``writes``: the addresses the maps store to.
-        Maps with sums are not taken this way."""
-        if spec[10]:
-            raise ValueError("add_block takes maps without sums")
-        self._blocks.setdefault(spec, []).append((svs, ns, seeds, columns, keep))
+
+        Maps with sums give a ``sums`` whose ``value`` holds one array per sum; ``flush()``
+        writes each map's total at its index in ``rows`` (all rows in order when None).
+        ``reads``: address columns the maps read; if an earlier queued map writes one of them,
+        the batch is flushed first (as :meth:`add` does)."""
+        if bool(spec[10]) != (sums is not None):
+            raise ValueError("add_block: give a Pending exactly for maps with sums")
+        map_writes = self._map_writes
+        if map_writes and any(not map_writes.isdisjoint(column.tolist()) for column in reads):
+            self.flush()
+        self._blocks.setdefault(spec, []).append((svs, ns, seeds, columns, keep, sums, rows))
         self.writes.update(writes)
         self._map_writes.update(writes)
 
@@ -1350,9 +1380,17 @@ class KernelBatch:
             else:
                 kernel(*args)
             if n_sums:  # every tensor has at least one chunk (empty maps are not batched)
-                totals = np.add.reduceat(part, starts[:-1], axis=0).tolist()
-                for entry, total in zip(entries, totals):
+                totals = np.add.reduceat(part, starts[:-1], axis=0)
+                for entry, total in zip(entries, totals[:len(entries)].tolist()):
                     entry[5].value = total
+                at = len(entries)
+                for block in blocks.get(spec, ()):
+                    size = len(block[1])
+                    pending, rows = block[5], block[6]
+                    for q in range(n_sums):
+                        pending.value[q][slice(None) if rows is None else rows] = \
+                            totals[at:at + size, q]
+                    at += size
 
 
 class FusedEngine:

@@ -3,6 +3,9 @@
 Every helper works on torch tensors (the reference engine evaluates a rule on whole tensors in
 eager mode) and on Python/NumPy scalars (the form a compiled per-element kernel sees). A rule
 that only uses arithmetic operators and these helpers can therefore run on any engine.
+:func:`sqrt`, :func:`minimum` and :func:`maximum` also take NumPy arrays, which is how a
+generator ``apply``'s per-tensor arithmetic on its sums runs for a whole param group at once
+(``Optimizer.vectorized_apply``).
 
 Scalar arguments that stand for hyperparameters or per-step quantities (``w`` in :func:`lerp`,
 the bounds of :func:`clamp`) are always plain Python floats.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -21,6 +25,8 @@ def sqrt(x):
     """Square root (NaN for negative input, as torch)."""
     if isinstance(x, Tensor):
         return torch.sqrt(x)
+    if isinstance(x, np.ndarray):
+        return np.sqrt(x, where=x >= 0, out=np.full(x.shape, np.nan))
     return math.sqrt(x) if x >= 0 else math.nan
 
 
@@ -51,6 +57,8 @@ def maximum(a, b):
         return torch.clamp(a, min=b)
     if b_is_t:
         return torch.clamp(b, min=a)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.maximum(a, b)  # NaN propagates
     if a != a or b != b:
         return math.nan
     return a if a >= b else b
@@ -65,6 +73,8 @@ def minimum(a, b):
         return torch.clamp(a, max=b)
     if b_is_t:
         return torch.clamp(b, max=a)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.minimum(a, b)  # NaN propagates
     if a != a or b != b:
         return math.nan
     return a if a <= b else b
