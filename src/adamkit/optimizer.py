@@ -20,7 +20,7 @@ An algorithm subclasses :class:`Optimizer` and declares, in its own file:
   yields before it reads a tensor an earlier map wrote. On the fused engine every tensor's
   program then advances in lockstep: each ``yield`` is a point where the step runs all tensors'
   pending maps with one launch per kernel (see :meth:`Optimizer._run_in_lockstep`); with
-  ``vectorized_apply = True`` it is also run once for a whole param group on arrays (FAdam);
+  ``vectorized_apply = True`` it is also run once for a whole param group on arrays (FAdam).
 
 Everything else lives here, once: param groups and their validation, lazy state creation,
 ``maximize``, complex parameters (as real views, like torch), sparse gradients (the rule runs on
@@ -1142,7 +1142,7 @@ class _BlockEngine:
             elif kind == "none":
                 if t is not None:
                     raise self._unfit(k, "another operand")
-            elif not isinstance(t, (int, float, np.ndarray)) or isinstance(t, bool):
+            elif not isinstance(t, (int, float, np.ndarray)):
                 raise self._unfit(k, "a number was expected")
         select = self.select
         columns = call.columns if select is None else [c[select] for c in call.columns]
