@@ -721,7 +721,7 @@ def _assert_same(params, other_params, states, other_states) -> None:
 @pytest.mark.parametrize("name,kwargs", [
     ("adamw", dict(weight_decay=0.1)), ("radam", dict()), ("sgd", dict(momentum=0.9)),
     ("lion", dict()), ("adagrad", dict()), ("rmsprop", dict(centered=True)),
-    ("nadam", dict(weight_decay=0.1)), ("fadam", dict())])
+    ("nadam", dict(weight_decay=0.1)), ("fadam", dict()), ("adafactor", dict())])
 def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, config,
                                                                   monkeypatch):
     """From a param group's second step its maps are added as one block per kernel, with the
@@ -738,11 +738,13 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     FAdam (a generator apply with vectorized_apply) takes optimizer._GroupLockstepPlan instead:
     its generator runs once per cohort of tensors on arrays of their sums (int8 state: the
     tensors over and under 4096 elements are two cohorts), so its per-tensor scalars must
-    come out of the array arithmetic bit for bit as from the per-tensor generators."""
+    come out of the array arithmetic bit for bit as from the per-tensor generators. So does
+    Adafactor for its vectors; its matrices stay on the per-tensor path (``rest``), so the
+    matrix sitting out does not end the group's plan."""
     dtype, state_dtype, sr = ((torch.float32, "int8", False) if config == "float32-int8"
                               else (torch.bfloat16, None, True))
     taken = []
-    plan_type = adamkit.optimizer._GroupLockstepPlan if name == "fadam" \
+    plan_type = adamkit.optimizer._GroupLockstepPlan if name in ("fadam", "adafactor") \
         else adamkit.optimizer._GroupPlan
     original = plan_type.repeat
 
@@ -801,8 +803,14 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     slow, slow_state, slow_log = run(False)
     # per step, each group plan's verdict (the first step records; a False is followed by
     # the per-tensor path)
-    assert log == [[], [True, True], [False, True], [True, True], [False, True], [True, True],
-                   [True, True], [True, False], [True, True], [False, True], [True, True]]
+    if name == "adafactor":  # parameter (0, 1) is a matrix: never part of the plan
+        assert log == [[], [True, True], [True, True], [True, True], [True, True],
+                       [True, True], [True, True], [True, False], [True, True], [False, True],
+                       [True, True]]
+    else:
+        assert log == [[], [True, True], [False, True], [True, True], [False, True],
+                       [True, True], [True, True], [True, False], [True, True], [False, True],
+                       [True, True]]
     assert all(not entry for entry in slow_log)
     _assert_same(fast, slow, fast_state, slow_state)
 

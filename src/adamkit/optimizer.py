@@ -313,12 +313,17 @@ class Optimizer(torch.optim.Optimizer):
         pending = self._pending_steps = []
         try:
             for gi, group in enumerate(self.param_groups):
+                rest = None  # with a group plan taken: the tensors it leaves to this loop
                 if group_plans is not None:
                     group_plan = group_plans.pop(gi, None)
                     if group_plan is not None and group_plan.repeat(self, group, batch):
                         group_plans[gi] = group_plan
-                        continue
-                for pi, p in enumerate(group["params"]):
+                        rest = group_plan.rest
+                        if not rest:
+                            continue
+                params = group["params"]
+                for pi in range(len(params)) if rest is None else rest:
+                    p = params[pi]
                     grad = p.grad
                     if grad is None:
                         continue
@@ -333,6 +338,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._step_parameter(group, p, (gi, pi))
                     plans[p] = plan_type.record(
                         self, group, p, grad, batch.last if default_apply else self._calls)
+                if rest is not None:  # the group plan stays
+                    continue
                 if group_plans is not None and default_apply:
                     group_plan = _GroupPlan.record(self, group, gi, plans)
                     if group_plan is not None:
@@ -777,7 +784,7 @@ class _GroupPlan:
     before any effect, and the group takes the per-tensor path, which records a new plan.
     """
 
-    __slots__ = ("group", "params", "plans", "parts")
+    __slots__ = ("group", "params", "plans", "parts", "rest")
 
     @classmethod
     def record(cls, opt: Optimizer, group: dict, gi: int, plans: dict) -> "_GroupPlan | None":
@@ -805,6 +812,7 @@ class _GroupPlan:
         self.group = group
         self.params = params
         self.plans = entries
+        self.rest = ()
         self.parts = []
         for spec_base, members in by_spec.items():
             part = _Part()
@@ -838,6 +846,8 @@ class _GroupPlan:
             if plan is None:
                 if g is not None:
                     return None
+                continue
+            if plan is _REST:  # left to the per-tensor path
                 continue
             if g is None:
                 return None
@@ -926,13 +936,15 @@ class _GroupPlan:
 class _Stack:
     """One tensor role (the parameter, the gradient or a state slot) of all the tensors of a
     cohort, as a vectorized generator ``apply`` sees it (see ``Optimizer.vectorized_apply``):
-    ``numel()`` is an array of their sizes; passed to ``engine.map`` it stands for each."""
+    ``numel()`` is an array of their sizes, ``dtype`` the parameters' (None for state);
+    passed to ``engine.map`` it stands for each."""
 
-    __slots__ = ("role", "sizes")
+    __slots__ = ("role", "sizes", "dtype")
 
-    def __init__(self, role: int, sizes):
+    def __init__(self, role: int, sizes, dtype: torch.dtype | None = None):
         self.role = role
         self.sizes = sizes
+        self.dtype = dtype
 
     def numel(self):
         return self.sizes
@@ -953,34 +965,37 @@ class _Cohort:
     """The tensors of a :class:`_GroupLockstepPlan` whose generators queued the same sequence
     of maps (same kernels and operand roles) last step: one vectorized run serves them all."""
 
-    __slots__ = ("positions", "names", "sizes", "seed_bases", "calls")
+    __slots__ = ("positions", "names", "dtype", "sizes", "seed_bases", "calls")
 
 
 class _GroupLockstepPlan(_GroupPlan):
     """A param group's last step for a rule with a generator ``apply`` that declares
-    ``vectorized_apply`` (FAdam), when every tensor of the group with a gradient took the
-    fused fast path (:class:`_LockstepPlan`) and all of its generator's maps were batched.
+    ``vectorized_apply`` (FAdam, Adafactor), covering the tensors that took the fused fast
+    path (:class:`_LockstepPlan`) with all of their generator's maps batched over the
+    parameter, gradient, state and numbers. The others (``rest``: Adafactor's factored
+    matrices, whose maps read row and column factors made during the step) keep the
+    per-tensor path, every step.
 
-    :meth:`repeat` makes the checks :class:`_GroupPlan` makes and calls ``scalars`` once per
-    distinct step count, then runs the generator once per cohort (tensors whose generators
-    queued the same kernels on the same operand roles) on a :class:`_BlockEngine`: ``p``,
-    ``g`` and the slots are :class:`_Stack` objects, the sums arrive as arrays with one value
-    per tensor, and each map becomes one block of ready-made tables (new gradient addresses,
-    scalars, seeds). A small model's FAdam step was mostly the per-tensor Python of its
-    three passes. Anything it does not cover returns False before any effect, and the group
-    takes the per-tensor path, which records a new plan."""
+    :meth:`repeat` makes the checks :class:`_GroupPlan` makes for the covered tensors and
+    calls ``scalars`` once per distinct step count, then runs the generator once per cohort
+    (tensors whose generators queued the same kernels on the same operand roles) on a
+    :class:`_BlockEngine`: ``p``, ``g`` and the slots are :class:`_Stack` objects, the sums
+    arrive as arrays with one value per tensor, and each map becomes one block of ready-made
+    tables (new gradient addresses, scalars, seeds). A small model's FAdam step was mostly
+    the per-tensor Python of its three passes. Anything it does not cover returns False
+    before any effect, and the whole group takes the per-tensor path, which records a new
+    plan."""
 
     __slots__ = ()
 
     @classmethod
     def record(cls, opt: Optimizer, group: dict, gi: int,
                plans: dict) -> "_GroupLockstepPlan | None":
-        import numpy as np
-
         if not _vectorizes(type(opt)):
             return None
         params = list(group["params"])
-        entries = []
+        entries = []  # per parameter: its plan, None (no gradient) or _REST
+        rest = []  # the parameters left to the per-tensor path
         by_sequence: dict = {}
         position = 0
         for pi, p in enumerate(params):
@@ -988,16 +1003,12 @@ class _GroupLockstepPlan(_GroupPlan):
                 entries.append(None)
                 continue
             plan = plans.get(p)
-            if not isinstance(plan, _LockstepPlan) or not plan.last:
-                return None
-            sequence = [plan.names, plan.maximize, plan.settings]
-            for call in plan.last:  # a map that ran at once, or over whole rows: not covered
-                if call is None or call.dims is not None or any(
-                        role < 0 and kind not in ("num", "none")
-                        for role, kind in zip(call.roles, call.spec[1])):
-                    return None
-                sequence.append((call.spec[:-1], call.roles))
-            by_sequence.setdefault(tuple(sequence), []).append((position, pi, p, plan))
+            sequence = _sequence(plan)
+            if sequence is None:
+                entries.append(_REST)
+                rest.append(pi)
+                continue
+            by_sequence.setdefault(sequence, []).append((position, pi, p, plan))
             entries.append(plan)
             position += 1
         if not by_sequence:
@@ -1006,6 +1017,7 @@ class _GroupLockstepPlan(_GroupPlan):
         self.group = group
         self.params = params
         self.plans = entries
+        self.rest = tuple(rest)
         self.parts = [_new_cohort(members, gi) for members in by_sequence.values()]
         return self
 
@@ -1036,6 +1048,26 @@ class _GroupLockstepPlan(_GroupPlan):
         return True
 
 
+_REST = object()  # a _GroupLockstepPlan's mark for a parameter it leaves to the per-tensor path
+
+
+def _sequence(plan) -> tuple | None:
+    """What a tensor's generator queued last step, as far as a cohort must share it (None if
+    a map ran at once, over whole rows with its factors, or on a tensor other than the
+    parameter, gradient and state: :class:`_GroupLockstepPlan` leaves that tensor to the
+    per-tensor path)."""
+    if not isinstance(plan, _LockstepPlan) or not plan.last:
+        return None
+    sequence = [plan.names, plan.dtype, plan.maximize, plan.settings]
+    for call in plan.last:
+        if call is None or call.dims is not None or any(
+                role < 0 and kind not in ("num", "none")
+                for role, kind in zip(call.roles, call.spec[1])):
+            return None
+        sequence.append((call.spec[:-1], call.roles))
+    return tuple(sequence)
+
+
 def _bind(program, engine):
     """``program`` (a generator apply running on ``engine``), checking at its end that it
     queued every map the cohort recorded."""
@@ -1050,6 +1082,7 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
     first = members[0][3]
     cohort.positions = [m[0] for m in members]
     cohort.names = first.names
+    cohort.dtype = first.dtype
     cohort.sizes = np.array([p.numel() for _, _, p, _ in members], dtype=np.int64)
     cohort.seed_bases = np.array(
         [_seed_base(p.numel(), (gi, pi)) & _U64 for _, pi, p, _ in members], dtype=np.uint64)
@@ -1108,7 +1141,8 @@ class _BlockEngine:
         self.seeds = seeds
         self.rows = len(seeds)
         #: what the generator gets for the parameter, the gradient and each slot
-        self.stacks = [_Stack(role, self.sizes) for role in range(2 + len(cohort.names))]
+        self.stacks = [_Stack(role, self.sizes, cohort.dtype if role < 2 else None)
+                       for role in range(2 + len(cohort.names))]
         self._call = 0
 
     def _unfit(self, call: int, why: str):

@@ -79,10 +79,11 @@ def _unfactored_apply(s: AdafactorScalars, p, g, variance):
             _ema_of_square(s, variance, g))
 
 
-def _step_size(s: AdafactorScalars, u_sq: float, p_sq: float, n: int) -> float:
-    """alpha_t / max(1, RMS(U) / d) with alpha_t = max(eps2, RMS(p)) rho_t."""
-    alpha = max(s.eps2, math.sqrt(p_sq / n)) * s.rho
-    return alpha / max(1.0, math.sqrt(u_sq / n) / s.d)
+def _step_size(s: AdafactorScalars, u_sq, p_sq, n):
+    """alpha_t / max(1, RMS(U) / d) with alpha_t = max(eps2, RMS(p)) rho_t (numbers, or arrays
+    of one value per tensor: see Optimizer.vectorized_apply)."""
+    alpha = maximum(s.eps2, sqrt(p_sq / n)) * s.rho
+    return alpha / maximum(1.0, sqrt(u_sq / n) / s.d)
 
 
 def _mean_over_rows(row):
@@ -132,6 +133,10 @@ class Adafactor(Optimizer):
     slot_names = ("row_var", "col_var", "variance")
     nonnegative_slots = ("row_var", "col_var", "variance")
     unquantized_slots = ("row_var", "col_var")
+    scalars_from_step = True
+    # the unfactored tensors' program runs once for a group's vectors (the factored one reads
+    # row and column factors made during the step: those tensors keep the per-tensor path)
+    vectorized_apply = True
 
     def __init__(
         self,

@@ -536,25 +536,25 @@ def sq_means_many(xs, row_at, col_at, shapes, items, parts, columns, dtype, out_
             r0 = (w - b * splits) * band
             at = parts[t] + w * m
             _sq_means_band(x, rows, partial[at:at + m], b, r0, min(r0 + band, n), n, m)
-    for c in numba.prange(columns[-1]):
-        u = np.searchsorted(columns, c, side="right") - 1
-        _finish_column(partial, parts[u], shapes[u, 0], shapes[u, 1], shapes[u, 2],
-                       c - columns[u], col_at[u], out_dtype)
+    for u in numba.prange(len(shapes)):
+        if columns[u + 1] > columns[u]:
+            _finish_columns(partial, parts[u], shapes[u, 0], shapes[u, 1], shapes[u, 2],
+                            col_at[u], out_dtype)
 
 
 @register_jitable
-def _finish_column(partial, at, batch, n, m, bk, address, out_dtype):
-    """Column mean ``bk`` of a banded matrix from its bands' partial sums at ``partial[at:]``
+def _finish_columns(partial, at, batch, n, m, address, out_dtype):
+    """The column means of a banded tensor from its bands' partial sums at ``partial[at:]``
     (a function, not inline: Numba drops a parallel loop whose only effect is a store
-    through a raw pointer)."""
+    through a raw pointer). One work item per tensor: a few thousand additions each."""
     splits = _bands(n, m)
-    b = bk // m
-    k = bk - b * m
-    acc = 0.0
-    for w in range(b * splits, b * splits + splits):
-        acc += partial[at + w * m + k]
     cols = numba.carray(void_ptr(address), batch * m, out_dtype)
-    cols[bk] = acc / n
+    for b in range(batch):
+        for k in range(m):
+            acc = 0.0
+            for w in range(b * splits, b * splits + splits):
+                acc += partial[at + w * m + k]
+            cols[b * m + k] = acc / n
 
 
 def nonfinite_in(a, lo, hi):
