@@ -1164,8 +1164,8 @@ def test_a_vectorized_apply_must_queue_the_maps_it_recorded():
 
     assert _vectorizes(FAdam) and _vectorizes(Drifting)
     assert not _vectorizes(Overriding)
-    for recorded, now, message in [(0, 1, "one map more than recorded"),
-                                    (1, 0, "fewer maps than recorded")]:
+    for recorded, now, message in [(0, 1, "one call more than recorded"),
+                                    (1, 0, "fewer calls than recorded")]:
         params = [torch.randn(50, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
         opt = Drifting(params, lr=0.01)
 

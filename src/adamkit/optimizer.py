@@ -957,15 +957,16 @@ class _CohortCall:
     its table is, and the tables of what does not change from step to step."""
 
     __slots__ = ("spec_base", "fn", "kinds", "stores", "n_results", "n_sums", "dtype",
-                 "roles", "column", "ns", "columns", "grad_columns", "number_columns",
-                 "store_columns", "read_columns")
+                 "roles", "column", "ns", "dims", "columns", "grad_columns", "number_columns",
+                 "scratch_columns", "store_columns", "read_columns")
 
 
 class _Cohort:
     """The tensors of a :class:`_GroupLockstepPlan` whose generators queued the same sequence
     of maps (same kernels and operand roles) last step: one vectorized run serves them all."""
 
-    __slots__ = ("positions", "names", "dtype", "sizes", "seed_bases", "calls")
+    __slots__ = ("positions", "names", "dtype", "params", "slots", "sizes", "seed_bases",
+                 "calls")
 
 
 class _GroupLockstepPlan(_GroupPlan):
@@ -1040,7 +1041,8 @@ class _GroupLockstepPlan(_GroupPlan):
                     select = np.array([which[i] == index for i in chosen])
                     if not select.any():
                         continue
-                engine = _BlockEngine(cohort, select, addresses[chosen], count, batch, grads)
+                engine = _BlockEngine(cohort, select, [grads[i] for i in chosen],
+                                      addresses[chosen], count, batch, grads)
                 stacks = engine.stacks
                 program = opt.apply(engine, s, stacks[0], stacks[1],
                                     dict(zip(cohort.names, stacks[2:])))
@@ -1052,19 +1054,22 @@ _REST = object()  # a _GroupLockstepPlan's mark for a parameter it leaves to the
 
 
 def _sequence(plan) -> tuple | None:
-    """What a tensor's generator queued last step, as far as a cohort must share it (None if
-    a map ran at once, over whole rows with its factors, or on a tensor other than the
-    parameter, gradient and state: :class:`_GroupLockstepPlan` leaves that tensor to the
-    per-tensor path)."""
+    """What a tensor's generator did last step, as far as a cohort must share it: its kernels
+    and operand roles, and its ``per_tensor`` calls. None (:class:`_GroupLockstepPlan` leaves
+    the tensor to the per-tensor path) if a map ran at once or a ``per_tensor`` call gave a
+    tensor (a conv kernel's Adafactor norm)."""
     if not isinstance(plan, _LockstepPlan) or not plan.last:
         return None
     sequence = [plan.names, plan.dtype, plan.maximize, plan.settings]
     for call in plan.last:
-        if call is None or call.dims is not None or any(
-                role < 0 and kind not in ("num", "none")
-                for role, kind in zip(call.roles, call.spec[1])):
+        if call is None:
             return None
-        sequence.append((call.spec[:-1], call.roles))
+        if type(call) is fused_cpu._PerTensor:
+            if not call.number:
+                return None
+            sequence.append(("per_tensor", call.fn))
+        else:
+            sequence.append((call.spec[:-1], call.roles))
     return tuple(sequence)
 
 
@@ -1083,11 +1088,16 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
     cohort.positions = [m[0] for m in members]
     cohort.names = first.names
     cohort.dtype = first.dtype
+    cohort.params = [p for _, _, p, _ in members]
+    cohort.slots = [plan.slots for _, _, _, plan in members]
     cohort.sizes = np.array([p.numel() for _, _, p, _ in members], dtype=np.int64)
     cohort.seed_bases = np.array(
         [_seed_base(p.numel(), (gi, pi)) & _U64 for _, pi, p, _ in members], dtype=np.uint64)
     cohort.calls = []
     for k, recorded in enumerate(first.last):
+        if type(recorded) is fused_cpu._PerTensor:
+            cohort.calls.append(("per_tensor", recorded.fn))
+            continue
         call = _CohortCall()
         spec = recorded.spec
         call.spec_base = spec[:-1]
@@ -1097,6 +1107,10 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
         call.roles = recorded.roles
         call.column = [fused_cpu.operand_column(call.kinds, j) for j in range(len(call.kinds))]
         call.ns = np.array([m[3].last[k].n for m in members], dtype=np.int64)
+        call.dims = None  # maps over whole rows: each matrix's columns and rows per matrix
+        if recorded.dims is not None:
+            dims = np.array([m[3].last[k].dims for m in members], dtype=np.int64)
+            call.dims = [np.ascontiguousarray(dims[:, 0]), np.ascontiguousarray(dims[:, 1])]
         operands = []
         for _, _, p, plan in members:
             row = []
@@ -1105,38 +1119,61 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
                     row.append((plan.address, 0))
                 elif role >= 2:  # (name, object, quantized, address, second address)
                     row.append((plan.checks[role - 2][3], plan.checks[role - 2][4]))
-                else:  # the gradient, a number or nothing: filled in at each step
-                    row.append((0.0 if kind == "num" else 0, 0))
+                else:  # the gradient, a number, a tensor made in the step or nothing:
+                    row.append((0.0 if kind == "num" else 0, 0))  # filled in at each step
             operands.append(row)
         call.columns = fused_cpu.operand_columns(call.kinds, operands)
         call.grad_columns = [call.column[j] for j, role in enumerate(call.roles) if role == 1]
         call.number_columns = [(j, call.column[j]) for j, kind in enumerate(call.kinds)
                                if kind == "num"]
+        call.scratch_columns = [(j, call.column[j]) for j, (role, kind)
+                                in enumerate(zip(call.roles, call.kinds))
+                                if role < 0 and kind not in ("num", "none")]
         call.store_columns = [call.column[j] for _, j in call.stores]
         call.read_columns = [call.column[j] for j, role in enumerate(call.roles) if role >= 0]
         cohort.calls.append(call)
     return cohort
 
 
+class _Scratch:
+    """Tensors a vectorized run made during the step, one per tensor of the cohort (the row
+    and column means of ``mean_sq_last_dims``), as the generator sees them."""
+
+    __slots__ = ("tensors", "addresses", "kind")
+
+    def __init__(self, tensors: list):
+        import numpy as np
+
+        self.tensors = tensors
+        self.addresses = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+        self.kind = fused_cpu._KINDS.get(tensors[0].dtype) if tensors else None
+
+
 class _BlockEngine:
     """The engine a vectorized generator ``apply`` runs on for a cohort (see
-    :class:`_GroupLockstepPlan`): its k-th ``map`` must be the k-th map the cohort recorded
-    (same rule, operands the same roles, numbers where numbers were), and is queued as one
-    block for all the cohort's tensors (those of one step count: ``select``)."""
+    :class:`_GroupLockstepPlan`): its k-th call must be the k-th the cohort recorded (a map of
+    the same rule on operands of the same roles, numbers where numbers were and tensors made
+    by its ``mean_sq_last_dims`` where such tensors were; or ``per_tensor`` of the same
+    function), and a map is queued as one block for all the cohort's tensors (those of one
+    step count: ``select``)."""
 
-    def __init__(self, cohort: _Cohort, select, grad_addresses, count: int, batch, keep):
+    def __init__(self, cohort: _Cohort, select, grads: list, grad_addresses, count: int,
+                 batch, keep):
         import numpy as np
 
         self.cohort = cohort
         self.select = select
         self.batch = batch
-        self.keep = keep
+        self.keep = [keep]  # and the tensors this run makes
         seeds = ((cohort.seed_bases + np.uint64((count * _SEED_STEP) & _U64))
                  & np.uint64(_SEED_MASK)).astype(np.int64)
         self.sizes = cohort.sizes
+        self.members = list(range(len(seeds)))
         if select is not None:
             grad_addresses, seeds, self.sizes = \
                 grad_addresses[select], seeds[select], self.sizes[select]
+            self.members = [i for i in self.members if select[i]]
+        self.grads = [grads[i] for i in self.members]
         self.grad_addresses = grad_addresses
         self.seeds = seeds
         self.rows = len(seeds)
@@ -1147,19 +1184,58 @@ class _BlockEngine:
 
     def _unfit(self, call: int, why: str):
         return RuntimeError(
-            f"vectorized apply: map {call} of this step does not match the one recorded for "
-            f"the param group ({why}); a rule with vectorized_apply = True must queue the "
-            "same maps on the same operands every step (see Optimizer.vectorized_apply)")
+            f"vectorized apply: call {call} of this step does not match the one recorded for "
+            f"the param group ({why}); a rule with vectorized_apply = True must make the "
+            "same calls on the same operands every step (see Optimizer.vectorized_apply)")
 
-    def map(self, fn, s, ins, outs, n_sums: int = 0):
-        import numpy as np
-
+    def _next(self):
         k = self._call
         self._call = k + 1
         calls = self.cohort.calls
         if k >= len(calls):
-            raise self._unfit(k, "one map more than recorded")
-        call = calls[k]
+            raise self._unfit(k, "one call more than recorded")
+        return k, calls[k]
+
+    def _tensors(self, stack) -> list:
+        """The tensors ``stack`` (one of ``stacks``) stands for."""
+        if not any(stack is x for x in self.stacks):
+            raise self._unfit(self._call, "not a tensor of this run")
+        role, cohort = stack.role, self.cohort
+        if role == 0:
+            return [cohort.params[i] for i in self.members]
+        if role == 1:
+            return self.grads
+        return [cohort.slots[i][role - 2] for i in self.members]
+
+    def per_tensor(self, fn, t, *args):
+        import numpy as np
+
+        k, call = self._next()
+        if call != ("per_tensor", fn):
+            raise self._unfit(k, "per_tensor where a map was recorded, or another function")
+        if self.batch.writes:  # the maps before may write its tensors
+            self.batch.flush()
+        values = [fn(x, *args) for x in self._tensors(t)]
+        if not all(isinstance(v, (int, float)) for v in values):
+            raise self._unfit(k, "per_tensor gave something other than a number")
+        return np.array(values, dtype=np.float64)
+
+    def mean_sq_last_dims(self, x):
+        engine = fused_cpu.FusedEngine(self.cohort.dtype, batch=self.batch)
+        rows, cols = [], []
+        for t in self._tensors(x):
+            r, c = engine.mean_sq_last_dims(t)
+            rows.append(r)
+            cols.append(c)
+        self.keep.append((rows, cols))
+        return _Scratch(rows), _Scratch(cols)
+
+    def map(self, fn, s, ins, outs, n_sums: int = 0):
+        import numpy as np
+
+        k, call = self._next()
+        if not isinstance(call, _CohortCall):
+            raise self._unfit(k, "a map where per_tensor was recorded")
         if fn is not call.fn or n_sums != call.n_sums or len(ins) != len(call.kinds) \
                 or len(outs) + n_sums != call.n_results:
             raise self._unfit(k, "another rule or arity")
@@ -1176,8 +1252,11 @@ class _BlockEngine:
             elif kind == "none":
                 if t is not None:
                     raise self._unfit(k, "another operand")
-            elif not isinstance(t, (int, float, np.ndarray)):
-                raise self._unfit(k, "a number was expected")
+            elif kind == "num":
+                if not isinstance(t, (int, float, np.ndarray)):
+                    raise self._unfit(k, "a number was expected")
+            elif not isinstance(t, _Scratch) or t.kind != kind or len(t.tensors) != self.rows:
+                raise self._unfit(k, "a tensor made in this step was expected")
         select = self.select
         columns = call.columns if select is None else [c[select] for c in call.columns]
         columns = list(columns)
@@ -1189,12 +1268,17 @@ class _BlockEngine:
             values = np.empty(rows, dtype=np.float64)
             values[:] = ins[j]
             columns[column] = values
+        for j, column in call.scratch_columns:
+            columns[column] = ins[j].addresses
         values = tuple(s)
         svs = np.empty((rows, len(values)), dtype=np.float64)
         for c, value in enumerate(values):
             svs[:, c] = value
-        writes = [a for column in call.store_columns for a in columns[column].tolist()]
-        reads = [columns[column] for column in call.read_columns]
+        reads = [columns[column] for column in call.read_columns] + [
+            columns[column] for _, column in call.scratch_columns]
+        stored = [columns[column] for column in call.store_columns]
+        if call.dims is not None:  # the mfact layout's tables come first
+            columns = [d if select is None else d[select] for d in call.dims] + columns
         sums = None
         if n_sums:
             sums = fused_cpu.Pending()
@@ -1202,20 +1286,17 @@ class _BlockEngine:
         for outcomes, chosen in fused_cpu.block_outcomes(fn, s, call.dtype, rows):
             spec = call.spec_base + (outcomes,)
             if chosen is None:
-                self.batch.add_block(spec, svs, ns, self.seeds, columns, self.keep, writes,
+                self.batch.add_block(spec, svs, ns, self.seeds, columns, self.keep,
+                                     [a for c in stored for a in c.tolist()],
                                      sums=sums, reads=reads)
             else:
                 self.batch.add_block(
                     spec, svs[chosen], ns[chosen], self.seeds[chosen],
                     [c[chosen] for c in columns], self.keep,
-                    [a for column in call.store_columns
-                     for a in columns[column][chosen].tolist()],
+                    [a for c in stored for a in c[chosen].tolist()],
                     sums=sums, rows=chosen, reads=[c[chosen] for c in reads])
         return sums if n_sums else []
 
-    def mean_sq_last_dims(self, x):
-        raise self._unfit(self._call, "mean_sq_last_dims is not vectorized")
-
     def finish(self) -> None:
         if self._call != len(self.cohort.calls):
-            raise self._unfit(self._call, "fewer maps than recorded")
+            raise self._unfit(self._call, "fewer calls than recorded")

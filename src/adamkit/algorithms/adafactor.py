@@ -94,6 +94,13 @@ def _mean_over_rows(row):
     return row.reshape(-1, n).mean(dim=1).reshape(row.shape[:-2] + (1, 1))
 
 
+def _row_norm(row, eps1: float, dtype: torch.dtype):
+    """max(mean(R), eps1) per matrix, in the compute dtype: a number for one matrix (a 2-D
+    weight: its maps are then batched with the number), else a (..., 1, 1) tensor."""
+    norm = _mean_over_rows(row).clamp(min=eps1).to(compute_dtype(dtype))
+    return norm.item() if norm.numel() == 1 else norm
+
+
 def _eps_pair(name, value):
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"Invalid {name}: {value!r} (must be a pair (eps1 or None, eps2))")
@@ -134,8 +141,8 @@ class Adafactor(Optimizer):
     nonnegative_slots = ("row_var", "col_var", "variance")
     unquantized_slots = ("row_var", "col_var")
     scalars_from_step = True
-    # the unfactored tensors' program runs once for a group's vectors (the factored one reads
-    # row and column factors made during the step: those tensors keep the per-tensor path)
+    # runs once for a group's vectors and once for its 2-D weights (a conv kernel's norm is a
+    # tensor, and small matrices' maps run at once: those keep the per-tensor path)
     vectorized_apply = True
 
     def __init__(
@@ -198,9 +205,7 @@ class Adafactor(Optimizer):
         a, b = engine.mean_sq_last_dims(g)
         engine.map(_ema_rsqrt, s, [row, a], [row, a])
         yield  # R's EMA has run (for every tensor: lockstep)
-        norm = _mean_over_rows(row).clamp(min=s.eps1).to(compute_dtype(p.dtype))
-        if norm.numel() == 1:  # one matrix (2-D weights): a number, so the map is batched
-            norm = norm.item()
+        norm = engine.per_tensor(_row_norm, row, s.eps1, p.dtype)
         yield engine.map(_ema_scaled_rsqrt, s, [col, b, norm], [col, b])
         u_sq, p_sq = yield engine.map(_update_sq, s, [p, g, a, b], [], n_sums=2)
         s = s._replace(step_size=_step_size(s, u_sq, p_sq, n))

@@ -1177,6 +1177,14 @@ class _Call(NamedTuple):
     shapes: tuple
 
 
+class _PerTensor(NamedTuple):
+    """A generator ``apply``'s ``per_tensor`` call as it ran last step (``FusedEngine(calls=...)``):
+    the function, and whether it gave a number (a vectorized run needs one)."""
+
+    fn: Callable
+    number: bool
+
+
 class Pending:
     """The sums of a map deferred to a :class:`KernelBatch`; ``value`` is set by ``flush()``.
 
@@ -1484,7 +1492,7 @@ class FusedEngine:
             self._call = call + 1
             if call < len(calls):
                 entry = calls[call]
-                if entry is not None:
+                if type(entry) is _Call:
                     result = self._repeat(entry, fn, s, ins, outs, n_sums)
                     if result is not None:
                         return result
@@ -1686,6 +1694,20 @@ class FusedEngine:
         sums = Pending() if n_sums else None
         self.batch.add(spec, tuple(s), n, self.seed, operands, ins, sums, dims)
         return sums if n_sums else []
+
+    def per_tensor(self, fn: Callable, t: Tensor, *args):
+        self._after_queued_writes((t,))
+        result = fn(t, *args)
+        calls = self.calls
+        if calls is not None:  # recorded for a vectorized run (see optimizer._sequence)
+            call = self._call
+            self._call = call + 1
+            entry = _PerTensor(fn, isinstance(result, (int, float)))
+            if call < len(calls):
+                calls[call] = entry
+            else:
+                calls.append(entry)
+        return result
 
     def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._after_queued_writes((x,))

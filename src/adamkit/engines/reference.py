@@ -46,6 +46,9 @@ class ReferenceEngine:
       results are summed over all elements and returned as Python floats.
     * ``mean_sq_last_dims(x)``: row and column means of ``x**2`` over the last two dimensions,
       with ``keepdim`` shapes ``(..., n, 1)`` and ``(..., 1, m)``.
+    * ``per_tensor(fn, t, *args)``: ``fn(t, *args)``, torch code on one whole tensor (Adafactor's
+      mean of its row factor); a vectorized run of a generator ``apply`` gets an array of its
+      values, one per tensor ``t`` stands for, so ``fn`` must return a number there.
     """
 
     name = "reference"
@@ -87,6 +90,9 @@ class ReferenceEngine:
         for value in results[len(outs):]:
             sums.append(float(value.sum()) if isinstance(value, Tensor) else float(value))
         return sums
+
+    def per_tensor(self, fn: Callable, t: Tensor, *args):
+        return fn(t, *args)
 
     def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._load(x)
