@@ -739,8 +739,8 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     its generator runs once per cohort of tensors on arrays of their sums (int8 state: the
     tensors over and under 4096 elements are two cohorts), so its per-tensor scalars must
     come out of the array arithmetic bit for bit as from the per-tensor generators. So does
-    Adafactor for its vectors; its matrices stay on the per-tensor path (``rest``), so the
-    matrix sitting out does not end the group's plan."""
+    Adafactor (vectors and 2-D matrices; the 3x3, whose maps run at once, stays on the
+    per-tensor path)."""
     dtype, state_dtype, sr = ((torch.float32, "int8", False) if config == "float32-int8"
                               else (torch.bfloat16, None, True))
     taken = []
@@ -803,14 +803,8 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     slow, slow_state, slow_log = run(False)
     # per step, each group plan's verdict (the first step records; a False is followed by
     # the per-tensor path)
-    if name == "adafactor":  # parameter (0, 1) is a matrix: never part of the plan
-        assert log == [[], [True, True], [True, True], [True, True], [True, True],
-                       [True, True], [True, True], [True, False], [True, True], [False, True],
-                       [True, True]]
-    else:
-        assert log == [[], [True, True], [False, True], [True, True], [False, True],
-                       [True, True], [True, True], [True, False], [True, True], [False, True],
-                       [True, True]]
+    assert log == [[], [True, True], [False, True], [True, True], [False, True], [True, True],
+                   [True, True], [True, False], [True, True], [False, True], [True, True]]
     assert all(not entry for entry in slow_log)
     _assert_same(fast, slow, fast_state, slow_state)
 
@@ -1180,3 +1174,42 @@ def test_a_vectorized_apply_must_queue_the_maps_it_recorded():
         with pytest.raises(RuntimeError,
                            match=f"vectorized apply: .*{message}.*vectorized_apply = True"):
             step(now)
+
+
+def test_adafactor_tensors_the_vectorized_pass_cannot_take_stay_per_tensor(monkeypatch):
+    """Adafactor's vectorized group pass covers vectors and matrices whose maps are batched
+    and whose norm (the mean of the row factor) is one number: 2-D weights, and N-D ones with
+    one matrix. A conv kernel (3x3 matrices: maps run at once) and a stack of matrices (a
+    norm per matrix: a tensor) stay on the per-tensor path every step, alongside. Bitwise
+    against the same steps with the group pass off."""
+    from adamkit.optimizer import _GroupLockstepPlan
+
+    shapes = [(4, 100, 100), (16, 8, 3, 3), (1, 30, 40), (50,), (60, 70), (8, 500, 1)]
+    plans = []
+    record = _GroupLockstepPlan.record.__func__
+
+    def spy(cls, *args):
+        plan = record(cls, *args)
+        plans.append(plan)
+        return plan
+
+    def run(fast):
+        monkeypatch.setattr(_GroupLockstepPlan, "record",
+                            classmethod(spy if fast else lambda *args: None))
+        gen = torch.Generator().manual_seed(8)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+        opt = adamkit.Adafactor(params, lr=0.05)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        monkeypatch.undo()
+        return [p.detach().clone() for p in params], [opt.state[p] for p in params]
+
+    fast, fast_state = run(True)
+    slow, slow_state = run(False)
+    assert len(plans) == 1 and plans[0] is not None  # recorded once, then repeated
+    assert plans[0].rest == (0, 1, 5)
+    covered = sorted(len(cohort.positions) for cohort in plans[0].parts)
+    assert covered == [1, 2]  # the vector; the two single matrices (same maps)
+    _assert_same(fast, slow, fast_state, slow_state)

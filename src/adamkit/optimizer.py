@@ -20,7 +20,8 @@ An algorithm subclasses :class:`Optimizer` and declares, in its own file:
   yields before it reads a tensor an earlier map wrote. On the fused engine every tensor's
   program then advances in lockstep: each ``yield`` is a point where the step runs all tensors'
   pending maps with one launch per kernel (see :meth:`Optimizer._run_in_lockstep`); with
-  ``vectorized_apply = True`` it is also run once for a whole param group on arrays (FAdam).
+  ``vectorized_apply = True`` it is also run once for a whole param group on arrays (FAdam,
+  Adafactor: see ``vectorized_apply``).
 
 Everything else lives here, once: param groups and their validation, lazy state creation,
 ``maximize``, complex parameters (as real views, like torch), sparse gradients (the rule runs on
@@ -102,11 +103,13 @@ class Optimizer(torch.optim.Optimizer):
     scalars_from_step: ClassVar[bool] = False
     #: a generator ``apply`` that also runs once for a whole param group on the fused fast
     #: path (see _GroupLockstepPlan): ``p``, ``g`` and the slots then stand for all the
-    #: group's tensors (only ``numel()`` is available: an array of sizes), the sums arrive
-    #: as NumPy arrays with one value per tensor, and the scalars it computes from them may be
-    #: such arrays, so its arithmetic must be written with operators and ``ops``' ``sqrt``,
-    #: ``minimum`` and ``maximum``, without branches on sums or sizes. Needs
-    #: ``scalars_from_step``. A subclass that overrides ``apply`` does not inherit it.
+    #: group's tensors (only ``numel()``, an array of sizes, and ``dtype`` are available;
+    #: ``engine.mean_sq_last_dims`` and ``engine.per_tensor`` work on them), the sums and
+    #: ``per_tensor`` values arrive as NumPy arrays with one value per tensor, and the
+    #: scalars it computes from them may be such arrays, so its arithmetic must be written
+    #: with operators and ``ops``' ``sqrt``, ``minimum`` and ``maximum``, without branches
+    #: on sums or sizes. Needs ``scalars_from_step``. A subclass that overrides ``apply``
+    #: does not inherit it.
     vectorized_apply: ClassVar[bool] = False
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
@@ -973,17 +976,18 @@ class _GroupLockstepPlan(_GroupPlan):
     """A param group's last step for a rule with a generator ``apply`` that declares
     ``vectorized_apply`` (FAdam, Adafactor), covering the tensors that took the fused fast
     path (:class:`_LockstepPlan`) with all of their generator's maps batched over the
-    parameter, gradient, state and numbers. The others (``rest``: Adafactor's factored
-    matrices, whose maps read row and column factors made during the step) keep the
-    per-tensor path, every step.
+    parameter, gradient, state, numbers and the tensors its ``mean_sq_last_dims`` made, and
+    all of its ``per_tensor`` calls giving numbers. The others (``rest``: a conv kernel,
+    whose small matrices' maps run at once; a stack of matrices, whose Adafactor norm is a
+    tensor) keep the per-tensor path, every step.
 
     :meth:`repeat` makes the checks :class:`_GroupPlan` makes for the covered tensors and
     calls ``scalars`` once per distinct step count, then runs the generator once per cohort
     (tensors whose generators queued the same kernels on the same operand roles) on a
     :class:`_BlockEngine`: ``p``, ``g`` and the slots are :class:`_Stack` objects, the sums
     arrive as arrays with one value per tensor, and each map becomes one block of ready-made
-    tables (new gradient addresses, scalars, seeds). A small model's FAdam step was mostly
-    the per-tensor Python of its three passes. Anything it does not cover returns False
+    tables (new gradient addresses, scalars, seeds). A small model's FAdam or Adafactor step
+    was mostly the per-tensor Python of its passes. Anything it does not cover returns False
     before any effect, and the whole group takes the per-tensor path, which records a new
     plan."""
 

@@ -1,10 +1,10 @@
 """The fused CPU engine: one multithreaded pass over memory per ``map``, compiled with Numba.
 
 It runs the same primitives as :class:`~adamkit.engines.reference.ReferenceEngine`
-(``map(fn, s, ins, outs, n_sums)`` and ``mean_sq_last_dims``) but evaluates ``fn`` element by
-element inside a generated ``numba.prange`` loop: every input is read once, every output written
-once, the per-tensor sums are parallel reductions, and stored formats (bfloat16, 8-bit blockwise
-codes) are decoded on load and encoded on store inside the same loop.
+(``map(fn, s, ins, outs, n_sums)``, ``mean_sq_last_dims`` and ``per_tensor``) but evaluates
+``fn`` element by element inside a generated ``numba.prange`` loop: every input is read once,
+every output written once, the per-tensor sums are parallel reductions, and stored formats
+(bfloat16, 8-bit blockwise codes) are decoded on load and encoded on store inside the same loop.
 
 How a kernel is made from a rule
 --------------------------------
@@ -1178,8 +1178,9 @@ class _Call(NamedTuple):
 
 
 class _PerTensor(NamedTuple):
-    """A generator ``apply``'s ``per_tensor`` call as it ran last step (``FusedEngine(calls=...)``):
-    the function, and whether it gave a number (a vectorized run needs one)."""
+    """A generator ``apply``'s ``per_tensor`` call as it ran last step
+    (``FusedEngine(calls=...)``): the function, and whether it gave a number (a vectorized run
+    needs one)."""
 
     fn: Callable
     number: bool
@@ -1424,12 +1425,13 @@ class FusedEngine:
             :class:`Pending` for them, to be yielded (only for generator ``apply``).
         calls: a list kept from one step of a parameter to the next, to repeat a generator
             ``apply``'s batched maps cheaply: entry k (a ``_Call``) describes this engine's
-            k-th ``map`` call of the last step, None where that call was not batched. A call
-            that matches its entry reuses it (only new addresses, scalars and outcomes are
-            looked up); any other takes the full path, which rewrites the entry.
-        trusted: with ``calls``: the tensors (parameter, gradient, state) whose storage,
-            dtype and shape the caller checked for this step, so that an operand that is one of them
-            at the position it held last step needs no checks but a fresh address.
+            k-th ``map`` call of the last step, None where that call was not batched (a
+            ``per_tensor`` call counts too: its entry is a ``_PerTensor``). A map that
+            matches its entry reuses it (only new addresses, scalars and outcomes are looked
+            up); any other takes the full path, which rewrites the entry.
+        trusted: with ``calls``: the tensors (parameter, gradient, state) whose storage, dtype
+            and shape the caller checked for this step, so that an operand that is one of
+            them at the position it held last step needs no checks but a fresh address.
     """
 
     name = "fused"
