@@ -1213,3 +1213,87 @@ def test_adafactor_tensors_the_vectorized_pass_cannot_take_stay_per_tensor(monke
     covered = sorted(len(cohort.positions) for cohort in plans[0].parts)
     assert covered == [1, 2]  # the vector; the two single matrices (same maps)
     _assert_same(fast, slow, fast_state, slow_state)
+
+
+class _SignScalars(NamedTuple):
+    lr: float
+    sign: float  # per tensor, from its first pass's sum: +1 or -1
+
+
+def _sq(s: _SignScalars, g):
+    return g * g
+
+
+def _signed_sum(s: _SignScalars, p, g):
+    if s.sign > 0:
+        return p * g
+    return 2.0 * p * g
+
+
+def _signed_step(s: _SignScalars, p, g):
+    if s.sign > 0:
+        return p - s.lr * g
+    return p + s.lr * g
+
+
+class _Signed(adamkit.optimizer.Optimizer):
+    """A rule whose kernels branch on a scalar computed from each tensor's sums."""
+
+    checks = {}
+    scalars_from_step = True
+    vectorized_apply = True
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr, maximize=False))
+
+    def scalars(self, group, state):
+        self.advance_step(state)
+        return _SignScalars(lr=float(group["lr"]), sign=math.nan)
+
+    def apply(self, engine, s, p, g, slots):
+        (g_sq,) = yield engine.map(_sq, s, [g], [], n_sums=1)
+        s = s._replace(sign=(g_sq > p.numel()) * 2.0 - 1.0)
+        (pg,) = yield engine.map(_signed_sum, s, [p, g], [], n_sums=1)
+        s = s._replace(lr=s.lr / (1.0 + abs(pg)))
+        engine.map(_signed_step, s, [p, g], [p])
+
+
+def test_a_vectorized_map_whose_kernel_branches_per_tensor_splits_its_block(monkeypatch):
+    """When a scalar a kernel branches on differs between the tensors of a vectorized run,
+    the map is queued as one block per branch outcome, and each tensor's sums come back at
+    its own index (here they set its next step size): bitwise as the per-tensor path, with
+    tensors of both outcomes interleaved."""
+    from adamkit.optimizer import _GroupLockstepPlan
+
+    outcomes = []
+    split = fused_cpu.block_outcomes
+
+    def spy(fn, s, dtype, rows):
+        result = split(fn, s, dtype, rows)
+        outcomes.append((fn, [None if i is None else i.tolist() for _, i in result]))
+        return result
+
+    def run(fast):
+        if not fast:
+            monkeypatch.setattr(_GroupLockstepPlan, "record", classmethod(lambda *a: None))
+        monkeypatch.setattr(fused_cpu, "block_outcomes", spy)
+        gen = torch.Generator().manual_seed(6)
+        params = [torch.randn(n, generator=gen, dtype=torch.float64).requires_grad_()
+                  for n in (300, 5000, 40, 7)]
+        opt = _Signed(params)
+        for _ in range(3):
+            for i, p in enumerate(params):  # mean g^2 about 4 (sign +1) or 1/4 (-1)
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * (
+                    2.0 if i % 2 == 0 else 0.5)
+            opt.step()
+        monkeypatch.undo()
+        return [p.detach().clone() for p in params]
+
+    fast = run(True)
+    assert (_signed_sum, [[0, 2], [1, 3]]) in outcomes  # split, in both vectorized steps
+    assert (_sq, [None]) in outcomes  # no branch: one block
+    outcomes.clear()
+    slow = run(False)
+    assert not outcomes
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
