@@ -1060,8 +1060,8 @@ _REST = object()  # a _GroupLockstepPlan's mark for a parameter it leaves to the
 def _sequence(plan) -> tuple | None:
     """What a tensor's generator did last step, as far as a cohort must share it: its kernels
     and operand roles, and its ``per_tensor`` calls. None (:class:`_GroupLockstepPlan` leaves
-    the tensor to the per-tensor path) if a map ran at once or a ``per_tensor`` call gave a
-    tensor (a conv kernel's Adafactor norm)."""
+    the tensor to the per-tensor path) if a map ran at once (a conv kernel's 3x3 matrices)
+    or a ``per_tensor`` call gave a tensor (the Adafactor norm of a stack of matrices)."""
     if not isinstance(plan, _LockstepPlan) or not plan.last:
         return None
     sequence = [plan.names, plan.dtype, plan.maximize, plan.settings]
