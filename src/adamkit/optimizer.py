@@ -897,34 +897,44 @@ class _GroupPlan:
             which.append(entry[0])
         return found, which
 
-    def repeat(self, opt: Optimizer, group: dict, batch) -> bool:
-        """Add this step of the group's tensors to ``batch`` if nothing changed; False (and
-        no effect) if something did."""
+    def _prepare(self, opt: Optimizer, group: dict):
+        """The checks, then the scalars (advancing step counts): (gradients, gradient
+        addresses, per tensor subset of one step count) or None (and no effect) if something
+        changed. The subsets: ``subsets(positions)`` yields ``(scalars, count, select)`` per
+        distinct step count among those tensors (``select`` a mask, None for all)."""
         import numpy as np
 
         checked = self._checked(opt, group)
         if checked is None:
-            return False
+            return None
         states, grads = checked
         found, which = self._scalars(opt, group, states)
-        addresses = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
+
+        def subsets(chosen):
+            for index, s, count, _, _ in found.values():
+                select = None
+                if len(found) > 1:
+                    select = np.array([which[i] == index for i in chosen])
+                    if not select.any():
+                        continue
+                yield s, count, select
+
+        return grads, np.array([g.data_ptr() for g in grads], dtype=np.uint64), subsets
+
+    def repeat(self, opt: Optimizer, group: dict, batch) -> bool:
+        """Add this step of the group's tensors to ``batch`` if nothing changed; False (and
+        no effect) if something did."""
+        prepared = self._prepare(opt, group)
+        if prepared is None:
+            return False
+        grads, addresses, subsets = prepared
         for part in self.parts:
             chosen = part.positions
-            for index, s, count, _, _ in found.values():
-                if len(found) == 1:
-                    select = None
-                    k = len(chosen)
-                else:
-                    select = np.array([which[i] == index for i in chosen])
-                    k = int(select.sum())
-                    if not k:
-                        continue
+            for s, count, select in subsets(chosen):
+                k = len(chosen) if select is None else int(select.sum())
                 spec = part.spec_base + (fused_cpu.rule_outcomes(part.fn, s, part.dtype),)
-                values = np.array(tuple(s), dtype=np.float64)
-                svs = np.empty((k, values.size), dtype=np.float64)
-                svs[:] = values
-                seeds = ((part.seed_bases + np.uint64((count * _SEED_STEP) & _U64))
-                         & np.uint64(_SEED_MASK)).astype(np.int64)
+                svs = _scalar_rows(s, k)
+                seeds = _seeds(part.seed_bases, count)
                 columns = list(part.columns)
                 if part.grad_column is not None:
                     columns[part.grad_column] = addresses[chosen]
@@ -934,6 +944,25 @@ class _GroupPlan:
                     columns = [c[select] for c in columns]
                 batch.add_block(spec, svs, ns, seeds, columns, grads, part.writes)
         return True
+
+
+def _seeds(seed_bases, count: int):
+    """Stochastic-rounding seeds of a block's tensors at step ``count`` (as Optimizer._seed)."""
+    import numpy as np
+
+    return ((seed_bases + np.uint64((count * _SEED_STEP) & _U64))
+            & np.uint64(_SEED_MASK)).astype(np.int64)
+
+
+def _scalar_rows(s, rows: int):
+    """A block's scalars table: one row per tensor, each field a number (the same in every
+    row) or an array of one value per tensor (a vectorized apply's)."""
+    import numpy as np
+
+    svs = np.empty((rows, len(s)), dtype=np.float64)
+    for c, value in enumerate(s):
+        svs[:, c] = value
+    return svs
 
 
 class _Stack:
@@ -1029,22 +1058,13 @@ class _GroupLockstepPlan(_GroupPlan):
     def repeat(self, opt: Optimizer, group: dict, batch) -> bool:
         """Queue this step's generators of the group's tensors (in ``opt._lockstep``) if
         nothing changed; False (and no effect) if something did."""
-        import numpy as np
-
-        checked = self._checked(opt, group)
-        if checked is None:
+        prepared = self._prepare(opt, group)
+        if prepared is None:
             return False
-        states, grads = checked
-        found, which = self._scalars(opt, group, states)
-        addresses = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
+        grads, addresses, subsets = prepared
         for cohort in self.parts:
             chosen = cohort.positions
-            for index, s, count, _, _ in found.values():
-                select = None
-                if len(found) > 1:
-                    select = np.array([which[i] == index for i in chosen])
-                    if not select.any():
-                        continue
+            for s, count, select in subsets(chosen):
                 engine = _BlockEngine(cohort, select, [grads[i] for i in chosen],
                                       addresses[chosen], count, batch, grads)
                 stacks = engine.stacks
@@ -1163,14 +1183,11 @@ class _BlockEngine:
 
     def __init__(self, cohort: _Cohort, select, grads: list, grad_addresses, count: int,
                  batch, keep):
-        import numpy as np
-
         self.cohort = cohort
         self.select = select
         self.batch = batch
         self.keep = [keep]  # and the tensors this run makes
-        seeds = ((cohort.seed_bases + np.uint64((count * _SEED_STEP) & _U64))
-                 & np.uint64(_SEED_MASK)).astype(np.int64)
+        seeds = _seeds(cohort.seed_bases, count)
         self.sizes = cohort.sizes
         self.members = list(range(len(seeds)))
         if select is not None:
@@ -1274,10 +1291,7 @@ class _BlockEngine:
             columns[column] = values
         for j, column in call.scratch_columns:
             columns[column] = ins[j].addresses
-        values = tuple(s)
-        svs = np.empty((rows, len(values)), dtype=np.float64)
-        for c, value in enumerate(values):
-            svs[:, c] = value
+        svs = _scalar_rows(s, rows)
         reads = [columns[column] for column in call.read_columns] + [
             columns[column] for _, column in call.scratch_columns]
         stored = [columns[column] for column in call.store_columns]
