@@ -196,6 +196,55 @@ def test_mean_sq_last_dims_matches_reference(shape, dtype, tol):
     assert _rel(cols, sq.mean(dim=-2, keepdim=True)) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_mean_rows_equals_torch_mean_bit_for_bit(dtype):
+    """engine.mean_rows (Adafactor's mean of a row factor over its rows) of both engines is
+    torch's ``mean(dim=-2, keepdim=True)`` bit for bit: a conv kernel's 3 rows (one Numba pass
+    in the fused engine, on the calling thread and on the pool), 1 and 2 rows, longer rows and
+    a single matrix (torch's mean), and bfloat16 (torch), with values over 12 decades."""
+    from adamkit.engines.reference import ReferenceEngine
+
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(512, 300, 3, 1), (7, 5, 3, 1), (40, 2, 1), (9, 1, 1), (6, 7, 1), (3, 1),
+              (2, 4, 1)]
+    assert math.prod(shapes[0]) >= fused_cpu.SERIAL_BELOW > math.prod(shapes[1])
+    for shape in shapes:
+        decades = torch.randint(-6, 6, shape, generator=gen).double()
+        x = (torch.rand(shape, generator=gen, dtype=torch.float64) * 10 ** decades).to(dtype)
+        want = x.mean(dim=-2, keepdim=True)
+        for engine in (ReferenceEngine(dtype), fused_cpu.FusedEngine(dtype)):
+            got = engine.mean_rows(x)
+            assert got.dtype == dtype and got.shape == want.shape, (shape, engine)
+            assert torch.equal(got, want), (shape, engine)
+
+
+@pytest.mark.parametrize("element", ["float32", "float64", "int16", "int8"])
+def test_shuffled_copy_moves_the_elements_its_pattern_names(element):
+    """numba_ops.shuffled_copy (one vector permute, which the small-matrix kernels spread
+    factors with): dst[j + e] == src[i + pattern[e]] for a conv kernel's column-factor pattern,
+    nothing else written; a pattern reaching past its window is refused."""
+    import numba
+    import numpy as np
+
+    from adamkit.engines import numba_ops
+
+    pattern = tuple(3 * (e // 9) + e % 3 for e in range(144))  # 16 matrices' column factors
+    copy = numba_ops.shuffled_copy(48, pattern)
+
+    @numba.njit
+    def run(src, i, dst, j):
+        copy(src, i, dst, j)
+
+    src = ((np.arange(100) * 37) % 101).astype(element)
+    dst = np.full(160, 7, dtype=element)
+    run(src, 5, dst, 3)
+    want = np.full(160, 7, dtype=element)
+    want[3:147] = src[5 + np.array(pattern)]
+    assert np.array_equal(dst, want)
+    with pytest.raises(ValueError, match=r"pattern entries must lie in \[0, 48\)"):
+        numba_ops.shuffled_copy(48, (0, 48))
+
+
 class _Unused(NamedTuple):
     unused: float
 

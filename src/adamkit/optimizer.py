@@ -104,7 +104,7 @@ class Optimizer(torch.optim.Optimizer):
     #: a generator ``apply`` that also runs once for a whole param group on the fused fast
     #: path (see _GroupLockstepPlan): ``p``, ``g`` and the slots then stand for all the
     #: group's tensors (only ``numel()``, an array of sizes, and ``dtype`` are available;
-    #: ``engine.mean_sq_last_dims`` and ``engine.per_tensor`` work on them), the sums and
+    #: ``engine.mean_sq_last_dims``, ``mean_rows`` and ``per_tensor`` work on them), the sums and
     #: ``per_tensor`` values arrive as NumPy arrays with one value per tensor, and the
     #: scalars it computes from them may be such arrays, so its arithmetic must be written
     #: with operators and ``ops``' ``sqrt``, ``minimum`` and ``maximum``, without branches
@@ -1161,7 +1161,8 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
 
 class _Scratch:
     """Tensors a vectorized run made during the step, one per tensor of the cohort (the row
-    and column means of ``mean_sq_last_dims``), as the generator sees them."""
+    and column means of ``mean_sq_last_dims``, the means of ``mean_rows``), as the generator
+    sees them."""
 
     __slots__ = ("tensors", "addresses", "kind")
 
@@ -1218,7 +1219,9 @@ class _BlockEngine:
         return k, calls[k]
 
     def _tensors(self, stack) -> list:
-        """The tensors ``stack`` (one of ``stacks``) stands for."""
+        """The tensors ``stack`` (one of ``stacks``, or a ``_Scratch``) stands for."""
+        if isinstance(stack, _Scratch):
+            return stack.tensors
         if not any(stack is x for x in self.stacks):
             raise self._unfit(self._call, "not a tensor of this run")
         role, cohort = stack.role, self.cohort
@@ -1240,6 +1243,12 @@ class _BlockEngine:
         if not all(isinstance(v, (int, float)) for v in values):
             raise self._unfit(k, "per_tensor gave something other than a number")
         return np.array(values, dtype=np.float64)
+
+    def mean_rows(self, x):
+        if self.batch.writes:  # the maps before may write its tensors
+            self.batch.flush()
+        engine = fused_cpu.FusedEngine(self.cohort.dtype, batch=self.batch)
+        return _Scratch([engine.mean_rows(t) for t in self._tensors(x)])
 
     def mean_sq_last_dims(self, x):
         engine = fused_cpu.FusedEngine(self.cohort.dtype, batch=self.batch)

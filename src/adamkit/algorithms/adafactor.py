@@ -86,18 +86,11 @@ def _step_size(s: AdafactorScalars, u_sq, p_sq, n):
     return alpha / maximum(1.0, sqrt(u_sq / n) / s.d)
 
 
-def _mean_over_rows(row):
-    """``row.mean(dim=-2, keepdim=True)`` of a (..., n, 1) row factor, taken over a (-1, n)
-    view: the same values, 1.5x faster for a conv kernel's n = 3 (torch's reduction over a
-    middle dimension of size 3 is slow)."""
-    n = row.shape[-2]
-    return row.reshape(-1, n).mean(dim=1).reshape(row.shape[:-2] + (1, 1))
-
-
-def _row_norm(row, eps1: float, dtype: torch.dtype):
-    """max(mean(R), eps1) per matrix, in the compute dtype: a number for one matrix (a 2-D
-    weight: its maps are then batched with the number), else a (..., 1, 1) tensor."""
-    norm = _mean_over_rows(row).clamp(min=eps1).to(compute_dtype(dtype))
+def _row_norm(mean, eps1: float, dtype: torch.dtype):
+    """max(mean(R), eps1) per matrix from the mean of R over its rows, in the compute dtype: a
+    number for one matrix (a 2-D weight: its maps are then batched with the number), else a
+    (..., 1, 1) tensor."""
+    norm = mean.clamp_(min=eps1).to(compute_dtype(dtype))
     return norm.item() if norm.numel() == 1 else norm
 
 
@@ -205,7 +198,7 @@ class Adafactor(Optimizer):
         a, b = engine.mean_sq_last_dims(g)
         engine.map(_ema_rsqrt, s, [row, a], [row, a])
         yield  # R's EMA has run (for every tensor: lockstep)
-        norm = engine.per_tensor(_row_norm, row, s.eps1, p.dtype)
+        norm = engine.per_tensor(_row_norm, engine.mean_rows(row), s.eps1, p.dtype)
         yield engine.map(_ema_scaled_rsqrt, s, [col, b, norm], [col, b])
         u_sq, p_sq = yield engine.map(_update_sq, s, [p, g, a, b], [], n_sums=2)
         s = s._replace(step_size=_step_size(s, u_sq, p_sq, n))

@@ -131,6 +131,10 @@ class CountingEngine(ReferenceEngine):
         self.read += storage.state_nbytes(x)
         return super().mean_sq_last_dims(x)
 
+    def mean_rows(self, x):
+        self.read += storage.state_nbytes(x)
+        return super().mean_rows(x)
+
 
 def traffic_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
                       shape=(64, 4096)) -> tuple[float, float]:

@@ -402,6 +402,50 @@ def finite_abs_bits(x):
     return b if b < np.uint32(0x7F800000) else np.uint32(0)
 
 
+# ---- constant-pattern copies -------------------------------------------------------------
+
+
+def shuffled_copy(window: int, pattern: tuple[int, ...]):
+    """An intrinsic ``copy(src, i, dst, j)`` for 1-D arrays of one dtype that sets
+    ``dst[j + e] = src[i + pattern[e]]`` for every ``e``, where every ``pattern[e] < window``.
+
+    It loads ``src[i : i + window]`` as one vector, permutes it with the constant pattern (one
+    LLVM ``shufflevector``, lowered to a few register permutes) and stores one vector: what
+    element-by-element copies take a load and a store per element for. The small-matrix bcast
+    kernels use it to spread a conv kernel's row and column factors over 16 of its 3x3
+    matrices at a time. The caller keeps both ranges inside the arrays (no bounds checks).
+    """
+    pattern = tuple(int(e) for e in pattern)
+    if not pattern or min(pattern) < 0 or max(pattern) >= window:
+        raise ValueError(f"shuffled_copy: pattern entries must lie in [0, {window})")
+
+    @intrinsic
+    def copy(typingctx, src, i, dst, j):
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+                and src.dtype == dst.dtype and src.ndim == dst.ndim == 1
+                and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            element = context.get_data_type(signature.args[0].dtype)
+            align = context.get_abi_sizeof(element)
+            source = ir.VectorType(element, window)
+            target = ir.VectorType(element, len(pattern))
+            src_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            dst_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+            src_ptr = builder.bitcast(builder.gep(src_data, [args[1]]), source.as_pointer())
+            dst_ptr = builder.bitcast(builder.gep(dst_data, [args[3]]), target.as_pointer())
+            loaded = builder.load(src_ptr, align=align)
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), len(pattern)), list(pattern))
+            moved = builder.shuffle_vector(loaded, ir.Constant(source, ir.Undefined), mask)
+            builder.store(moved, dst_ptr, align=align)
+            return context.get_dummy_value()
+
+        return types.none(src, i, dst, j), codegen
+
+    return copy
+
+
 # ---- helpers called from Python --------------------------------------------------------
 
 
@@ -505,6 +549,23 @@ def sq_means_plan(shapes):
         parts[t + 1] = parts[t] + part
         columns[t + 1] = columns[t] + cols
     return items, parts, columns
+
+
+def _mean_rows(x, out, batch, n, divisor, chunk):
+    """``out[b] = (x[b * n] + ... + x[b * n + n - 1]) / divisor`` for b < batch, summed left to
+    right in x's dtype (``divisor`` is n in that dtype): a (..., n, 1) tensor's mean over its
+    rows, as torch's mean takes it over a few values (``chunk`` matrices per work item)."""
+    for c in numba.prange((batch + chunk - 1) // chunk):
+        for b0 in range(c * chunk, min(c * chunk + chunk, batch)):
+            b = np.uint64(b0)
+            acc = x[b * np.uint64(n)]
+            for i in range(1, n):
+                acc += x[b * np.uint64(n) + np.uint64(i)]
+            out[b] = acc / divisor
+
+
+mean_rows = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)(_mean_rows)
+mean_rows_serial = numba.njit(cache=True, error_model="numpy", nogil=True)(_mean_rows)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)

@@ -46,8 +46,10 @@ class ReferenceEngine:
       results are summed over all elements and returned as Python floats.
     * ``mean_sq_last_dims(x)``: row and column means of ``x**2`` over the last two dimensions,
       with ``keepdim`` shapes ``(..., n, 1)`` and ``(..., 1, m)``.
+    * ``mean_rows(x)``: ``x.mean(dim=-2, keepdim=True)`` of a ``(..., n, 1)`` tensor (Adafactor's
+      mean of its row factor), in x's dtype.
     * ``per_tensor(fn, t, *args)``: ``fn(t, *args)``, torch code on one whole tensor (Adafactor's
-      mean of its row factor); a vectorized run of a generator ``apply`` gets an array of its
+      norm from that mean); a vectorized run of a generator ``apply`` gets an array of its
       values, one per tensor ``t`` stands for, so ``fn`` must return a number there.
     """
 
@@ -93,6 +95,9 @@ class ReferenceEngine:
 
     def per_tensor(self, fn: Callable, t: Tensor, *args):
         return fn(t, *args)
+
+    def mean_rows(self, x: Tensor) -> Tensor:
+        return x.mean(dim=-2, keepdim=True)
 
     def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._load(x)
