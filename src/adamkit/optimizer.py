@@ -389,12 +389,15 @@ class Optimizer(torch.optim.Optimizer):
         batched = []  # read by one multithreaded pass (torch.isfinite would allocate masks)
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    g = p.grad._values() if p.grad.is_sparse else p.grad
-                    if fast and fused_cpu.unsupported_reason(g) is None:
-                        batched.append(g)
-                    else:
-                        flags.append(torch.isfinite(g).all())
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    g = g._values()
+                if fast and fused_cpu.unsupported_reason(g) is None:
+                    batched.append(g)
+                else:
+                    flags.append(torch.isfinite(g).all())
         finite = not batched or not fused_cpu.any_nonfinite(batched)
         if finite and (not flags or bool(torch.stack(flags).all())):
             return True

@@ -166,15 +166,21 @@ def any_nonfinite(tensors: Sequence[Tensor]) -> bool:
 
     from . import numba_ops
 
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    # one pass over the tensors, which this reads every step
+    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
     for t in tensors:
-        if t.numel():
-            by_dtype.setdefault(t.dtype, []).append(t)
-    for dtype, group in by_dtype.items():
-        ns = np.array([t.numel() for t in group], dtype=np.int64)
-        starts = np.zeros(len(group) + 1, dtype=np.int64)
+        n = t.numel()
+        if n:
+            tables = by_dtype.get(t.dtype)
+            if tables is None:
+                tables = by_dtype[t.dtype] = ([], [])
+            tables[0].append(t.data_ptr())
+            tables[1].append(n)
+    for dtype, (pointers, sizes) in by_dtype.items():
+        ns = np.array(sizes, dtype=np.int64)
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum((ns + (CHECK_CHUNK - 1)) // CHECK_CHUNK, out=starts[1:])
-        addresses = np.array([t.data_ptr() for t in group], dtype=np.uint64)
+        addresses = np.array(pointers, dtype=np.uint64)
         element = {torch.float32: np.float32, torch.float64: np.float64,
                    torch.bfloat16: np.int16}[dtype]
         args = (addresses, ns, starts, CHECK_CHUNK, element)
