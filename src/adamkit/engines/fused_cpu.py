@@ -1061,7 +1061,10 @@ def _sq_means_small_kernel(rows: int, cols: int, parallel: bool) -> Callable:
     ``L`` matrices at a time are split by shuffled copies into one contiguous run per column
     (the elements of every row at that column) and one per row, and the means are then loops
     over those runs that vectorize; the last matrices of a work item take the element loop.
-    On 512x512x3x3 float32 that measured 1.3 ms instead of 2.3 ms (element loop only)."""
+    Sums are multiplied by 1/n rather than divided (a float64 divide costs ~16 cycles per 8
+    lanes): float32 means keep their bits but where the float64 quotient lies within one
+    of its ulps of a float32 rounding boundary, float64 means are within 1 ulp. On 512x512x3x3
+    float32 (standalone, cache-warm) 0.9 ms instead of 2.3 ms with the element loop only."""
     key = ("sq_means_small", rows, cols, parallel)
     kernel = _KERNELS.get(key)
     if kernel is not None:
