@@ -775,6 +775,29 @@ class _Part:
                  "grad_column", "writes")
 
 
+def _plans_by(params: list, plans: dict, key: Callable) -> tuple[list, list, dict]:
+    """A group's parameters sorted for a group plan: per parameter its entry (its plan, None
+    without a gradient, ``_REST`` where it has no plan or ``key(plan)`` is None), the indices
+    of those ``_REST`` ones, and the others grouped by ``key(plan)`` as (position among the
+    parameters with gradients, index, parameter, plan)."""
+    entries, rest, grouped = [], [], {}
+    position = 0
+    for pi, p in enumerate(params):
+        if p.grad is None:
+            entries.append(None)
+            continue
+        plan = plans.get(p)
+        k = None if plan is None else key(plan)
+        if k is None:
+            entries.append(_REST)
+            rest.append(pi)
+            continue
+        grouped.setdefault(k, []).append((position, pi, p, plan))
+        entries.append(plan)
+        position += 1
+    return entries, rest, grouped
+
+
 class _GroupPlan:
     """A param group's last step, when every tensor in it with a gradient took the fused fast
     path (:class:`_Plan`) and the optimizer's ``scalars`` depend on nothing but the group,
@@ -799,27 +822,10 @@ class _GroupPlan:
         if not _shares_scalars(type(opt)):
             return None
         params = list(group["params"])
-        entries = []  # the plan of each parameter (None: no gradient this step)
-        by_spec: dict = {}
-        position = 0  # among the parameters with gradients
-        for pi, p in enumerate(params):
-            if p.grad is None:
-                entries.append(None)
-                continue
-            plan = plans.get(p)
-            if plan is None:
-                return None
-            by_spec.setdefault(plan.last[0][:-1], []).append((position, pi, p, plan))
-            entries.append(plan)
-            position += 1
-        if not by_spec:
+        entries, rest, by_spec = _plans_by(params, plans, lambda plan: plan.last[0][:-1])
+        if rest or not by_spec:
             return None
-        self = cls()
-        self.group = group
-        self.params = params
-        self.plans = entries
-        self.rest = ()
-        self.parts = []
+        self = cls._new(group, params, entries, rest)
         for spec_base, members in by_spec.items():
             part = _Part()
             part.spec_base = spec_base
@@ -835,6 +841,16 @@ class _GroupPlan:
             part.grad_column = fused_cpu.operand_column(kinds, 1)
             part.writes = [m[3].last[2][j][0] for m in members for _, j in stores]
             self.parts.append(part)
+        return self
+
+    @classmethod
+    def _new(cls, group: dict, params: list, entries: list, rest: list):
+        self = cls()
+        self.group = group
+        self.params = params
+        self.plans = entries
+        self.rest = tuple(rest)
+        self.parts = []
         return self
 
     def _checked(self, opt: Optimizer, group: dict):
@@ -1031,30 +1047,10 @@ class _GroupLockstepPlan(_GroupPlan):
         if not _vectorizes(type(opt)):
             return None
         params = list(group["params"])
-        entries = []  # per parameter: its plan, None (no gradient) or _REST
-        rest = []  # the parameters left to the per-tensor path
-        by_sequence: dict = {}
-        position = 0
-        for pi, p in enumerate(params):
-            if p.grad is None:
-                entries.append(None)
-                continue
-            plan = plans.get(p)
-            sequence = _sequence(plan)
-            if sequence is None:
-                entries.append(_REST)
-                rest.append(pi)
-                continue
-            by_sequence.setdefault(sequence, []).append((position, pi, p, plan))
-            entries.append(plan)
-            position += 1
+        entries, rest, by_sequence = _plans_by(params, plans, _sequence)
         if not by_sequence:
             return None
-        self = cls()
-        self.group = group
-        self.params = params
-        self.plans = entries
-        self.rest = tuple(rest)
+        self = cls._new(group, params, entries, rest)
         self.parts = [_new_cohort(members, gi) for members in by_sequence.values()]
         return self
 
