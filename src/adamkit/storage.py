@@ -24,8 +24,9 @@ The 8-bit codes are tiny floating-point numbers relative to the block: with
 
 The optimizers round stochastically when they store 8-bit state (see :func:`encode`), so the
 state's moving averages are unbiased; checkpoints and conversions round to nearest. The fused
-kernels draw 16 random bits per element and state (one 32-bit hash serves two states), which
-leaves a bias below 2**-16 of a code step.
+kernels draw 16 random bits per element and state (one 32-bit word serves two states; a
+block's words are a golden-ratio sequence from one hash per block and step), which leaves a
+bias below 2**-16 of a code step.
 
 Both cover more than four decades per block, which is what the second moment needs (it spans
 many orders of magnitude), and cost a few integer operations to encode or decode, so the fused

@@ -706,16 +706,27 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
     quantized = [(k, j) for k, j in stores if kinds[j] in ("q8s", "q8u")]
 
     def encode_loop(stochastic: bool) -> list[str]:
-        """Encode the block's buffered values: with stochastic rounding one 32-bit random
-        word per element serves two states (16 random bits each)."""
-        lines = ["                for k0 in range(hi - lo):",
-                 "                    k = np.uint64(k0)"]
+        """Encode the block's buffered values. With stochastic rounding one 32-bit random
+        word per element serves two states (16 random bits each): element k of the block
+        gets ``h + k * 0x9E3779B9`` (mod 2**32), where ``h`` is one well-mixed hash
+        (numba_ops.random32) of the step's seed, the block's position and the pair of states.
+        Over steps each element's word is uniform, so the rounding stays unbiased; within a
+        block the words form a golden-ratio (Weyl) sequence with a random start, a dither of
+        low discrepancy. A full hash per element (3 vector multiplies and 6 shifts and xors
+        per 16 elements) made a 16M-element int8 AdamW step 1.64-1.77x torch's fused AdamW
+        instead of 1.46-1.57x (kernel timed alone, alternated with torch's)."""
+        lines = []
+        if stochastic:
+            lines += [f"                h{q // 2} = _random32(0, _u32_add(bseed, "
+                      f"{q // 2 * 0x3C6EF372}))" for q in range(0, len(quantized), 2)]
+        lines += ["                for k0 in range(hi - lo):",
+                  "                    k = np.uint64(k0)"]
         for q, (k, j) in enumerate(quantized):
             which = "signed" if kinds[j] == "q8s" else "unsigned"
             if stochastic:
                 if q % 2 == 0:
-                    lines.append(f"                    rnd{q // 2} = _random32(k0, "
-                                 f"_u32_add(bseed, {q // 2 * 0x3C6EF372}))")
+                    lines.append(f"                    rnd{q // 2} = _u32_add(h{q // 2}, "
+                                 "_u32_mul(k0, 0x9E3779B9))")
                 # the random bits go below the code's rounding position (bit 20 or 19)
                 bits = (f"_u32_shl(_u32_and(rnd{q // 2}, 0xFFFF), {4 if which == 'signed' else 3})"
                         if q % 2 == 0 else
@@ -753,7 +764,7 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
             for k, j in quantized:
                 lines.append(f"            x{j}[b] = _bits_f32(amax{j})")
                 lines.append(f"            sc{j}, iv{j} = _block_factors(x{j}[b])")
-            # random32(lo + k, seed) == random32(k, seed + lo * 0x9E3779B9): a 32-bit counter
+            # the block's seed: the step's seed with the block's position mixed in
             lines.append("            if sr_q8:")
             lines.append("                bseed = _u32_add(seed + 0x1B873593, "
                          "_u32_mul(lo, 0x9E3779B9))")
