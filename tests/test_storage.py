@@ -172,6 +172,37 @@ def test_fused_kernel_rounds_int8_state_stochastically_without_bias(name, slot, 
     assert errors[True] < 0.1 * errors[False], errors
 
 
+@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@pytest.mark.parametrize("name,slot,signed,target", [("sgd", "momentum_buffer", True, 1.03),
+                                                     ("adagrad", "sum", False, 1.0416)])
+def test_fused_int8_rounding_is_unbiased_at_every_position_of_a_block(name, slot, signed,
+                                                                       target):
+    # The kernels' random words within a block are a sequence from one hash per block: each
+    # position of a block must still round up and down at random across blocks (a hash that
+    # did not change from block to block would round position k the same way everywhere). The
+    # fraction rounded up at every position must be near the expected one (standard error
+    # 0.03 over 256 blocks) and the mean near the target (within 6 standard errors here;
+    # rounding every block the same way is off by at least the nearest code's error).
+    blocks = 256
+    g = torch.full((blocks, BLOCK), target if signed else math.sqrt(target))
+    g[:, 0] = 2.0 if signed else math.sqrt(2.0)
+    p = torch.zeros(blocks * BLOCK, requires_grad=True)
+    opt = adamkit.create(name, [p], lr=1e-3, backend="fused", state_dtype="int8",
+                         **({"momentum": 0.9} if signed else {}))
+    p.grad = g.reshape(-1).clone()
+    opt.step()
+    values = opt.state[p][slot].dequantize().view(blocks, BLOCK)[:, 1:].double()
+    low, high = values.min().item(), values.max().item()
+    assert low < target < high  # the two codes around the target both occur
+    up = (values == high).double().mean(dim=0)  # per position: how often it rounded up
+    expected = (target - low) / (high - low)
+    assert (up - expected).abs().max().item() < 0.2, (up.min().item(), up.max().item(),
+                                                         expected)
+    nearest = min(target - low, high - target)
+    errors = (values.mean(dim=0) - target).abs()
+    assert errors.max().item() < 0.8 * nearest, (errors.max().item(), nearest)
+
+
 def test_int8_state_layout_and_small_tensors():
     big = torch.zeros(64, 128, requires_grad=True)  # 8192 elements: 8-bit codes
     small = torch.zeros(100, requires_grad=True)  # stays float32
