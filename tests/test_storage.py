@@ -146,35 +146,44 @@ def test_kernel_codec_matches_torch_codec_bit_for_bit(signed, batched):
     assert torch.equal(torch.nan_to_num(decoded, nan=7.0), torch.nan_to_num(expected, nan=7.0))
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
-@pytest.mark.parametrize("name,slot,signed,target", [("sgd", "momentum_buffer", True, 1.03),
-                                                     ("adagrad", "sum", False, 1.0416)])
-def test_fused_kernel_rounds_int8_state_stochastically_without_bias(name, slot, signed, target):
-    # after one step SGD's momentum buffer is the gradient and Adagrad's sum is its square; the
-    # target lies between two codes of a block whose absmax is 2, so round-to-nearest is off by
-    # 0.037 (signed) or 0.008 (unsigned), and stochastic rounding (16 random bits per element
-    # in the kernels) must average out to the target over 64 blocks
-    g = torch.full((64, BLOCK), target if signed else math.sqrt(target))
+# After one step SGD's momentum buffer is the gradient and Adagrad's sum is its square. Every
+# block holds 2 (its absmax) and 255 copies of a target that lies between two codes, so
+# round-to-nearest is off by 0.037 (signed) or 0.008 (unsigned).
+_ROUNDING_CASES = pytest.mark.parametrize(
+    "name,slot,signed,target", [("sgd", "momentum_buffer", True, 1.03),
+                                ("adagrad", "sum", False, 1.0416)])
+
+
+def _int8_targets_after_one_step(name, slot, signed, target, blocks, stochastic=True):
+    """The decoded 8-bit state of the target elements, (blocks, BLOCK - 1) float64."""
+    g = torch.full((blocks, BLOCK), target if signed else math.sqrt(target))
     g[:, 0] = 2.0 if signed else math.sqrt(2.0)
+    p = torch.zeros(blocks * BLOCK, requires_grad=True)
+    opt = adamkit.create(name, [p], lr=1e-3, backend="fused", state_dtype="int8",
+                         **({"momentum": 0.9} if signed else {}))
+    opt.round_int8_stochastically = stochastic
+    p.grad = g.reshape(-1).clone()
+    opt.step()
+    state = opt.state[p][slot]
+    assert isinstance(state, BlockQuantized) and state.signed == signed
+    return state.dequantize().view(blocks, BLOCK)[:, 1:].double()
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@_ROUNDING_CASES
+def test_fused_kernel_rounds_int8_state_stochastically_without_bias(name, slot, signed, target):
+    # stochastic rounding (16 random bits per element in the kernels) must average out to the
+    # target over 64 blocks
     errors = {}
     for stochastic in (False, True):
-        p = torch.zeros(64 * BLOCK, requires_grad=True)
-        opt = adamkit.create(name, [p], lr=1e-3, backend="fused", state_dtype="int8",
-                             **({"momentum": 0.9} if signed else {}))
-        opt.round_int8_stochastically = stochastic
-        p.grad = g.reshape(-1).clone()
-        opt.step()
-        state = opt.state[p][slot]
-        assert isinstance(state, BlockQuantized) and state.signed == signed
-        mean = state.dequantize().view(64, BLOCK)[:, 1:].double().mean().item()
-        errors[stochastic] = abs(mean - target)
+        values = _int8_targets_after_one_step(name, slot, signed, target, 64, stochastic)
+        errors[stochastic] = abs(values.mean().item() - target)
     assert errors[False] > (0.03 if signed else 0.006)
     assert errors[True] < 0.1 * errors[False], errors
 
 
 @pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
-@pytest.mark.parametrize("name,slot,signed,target", [("sgd", "momentum_buffer", True, 1.03),
-                                                     ("adagrad", "sum", False, 1.0416)])
+@_ROUNDING_CASES
 def test_fused_int8_rounding_is_unbiased_at_every_position_of_a_block(name, slot, signed,
                                                                        target):
     # The kernels' random words within a block are a sequence from one hash per block: each
@@ -183,15 +192,7 @@ def test_fused_int8_rounding_is_unbiased_at_every_position_of_a_block(name, slot
     # fraction rounded up at every position must be near the expected one (standard error
     # 0.03 over 256 blocks) and the mean near the target (within 6 standard errors here;
     # rounding every block the same way is off by at least the nearest code's error).
-    blocks = 256
-    g = torch.full((blocks, BLOCK), target if signed else math.sqrt(target))
-    g[:, 0] = 2.0 if signed else math.sqrt(2.0)
-    p = torch.zeros(blocks * BLOCK, requires_grad=True)
-    opt = adamkit.create(name, [p], lr=1e-3, backend="fused", state_dtype="int8",
-                         **({"momentum": 0.9} if signed else {}))
-    p.grad = g.reshape(-1).clone()
-    opt.step()
-    values = opt.state[p][slot].dequantize().view(blocks, BLOCK)[:, 1:].double()
+    values = _int8_targets_after_one_step(name, slot, signed, target, 256)
     low, high = values.min().item(), values.max().item()
     assert low < target < high  # the two codes around the target both occur
     up = (values == high).double().mean(dim=0)  # per position: how often it rounded up
