@@ -1346,3 +1346,127 @@ def test_a_vectorized_map_whose_kernel_branches_per_tensor_splits_its_block(monk
     assert not outcomes
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(70, 90), (3, 40, 50), (2, 1100, 1001), (1, 70000),
+                                   (300, 9)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)],
+                         ids=["float64", "float32"])
+def test_sq_stats_last_dims_matches_torch(shape, dtype, tol):
+    """FusedEngine.sq_stats_last_dims (Adafactor's pass over g and p) against float64 torch:
+    the row rule's new state and a from the row means of x^2, the column means of x^2, the
+    column sums of (a x)^2 over the rows whose x is not all zero, sum(y^2) and the largest a
+    of those rows and of the others (0 where there are none: 1 x 70000). Every third row of x
+    is zero; 1100 x 1001 is two bands."""
+    from adamkit.algorithms.adafactor import AdafactorScalars, _ema_rsqrt
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x[..., 1::3, :] = 0.0
+    y = torch.randn(shape, generator=gen, dtype=torch.float64)
+    state = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * 1e-3
+    s = AdafactorScalars(lr=0.01, one_minus_beta2=0.3, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
+                         weight_decay=0.0, step_size=math.nan, max_rsqrt=math.nan)
+    got_state = state.to(dtype).clone()
+    a, cols, w, sums = fused_cpu.FusedEngine(dtype).sq_stats_last_dims(
+        _ema_rsqrt, s, got_state, x.to(dtype), y.to(dtype))
+    x, y = x.to(dtype).double(), y.to(dtype).double()
+    rows = (x * x).mean(dim=-1, keepdim=True)
+    want_state = state.to(dtype).double() * 0.7 + rows * 0.3
+    want_a = 1 / want_state.sqrt()
+    zero = rows == 0
+    assert a.dtype == cols.dtype == w.dtype == dtype
+    assert _rel(got_state, want_state) <= tol and _rel(a, want_a) <= tol
+    assert _rel(cols, (x * x).mean(dim=-2, keepdim=True)) <= tol
+    assert _rel(w, ((want_a * x) ** 2).sum(dim=-2, keepdim=True)) <= tol
+    assert sums[0] == pytest.approx((y * y).sum().item(), rel=tol)
+    for found, rows_of in zip(sums[1:], (~zero, zero)):  # 0 where there are no such rows
+        want = want_a[rows_of].max().item() if rows_of.any() else 0.0
+        assert found == pytest.approx(want, rel=tol)
+
+
+def test_sq_stats_last_dims_leaves_other_tensors_to_the_reference_path():
+    """bfloat16 row state, bfloat16 x and small matrices (a conv kernel's 3x3) take the
+    reference engine's path: no column sums of (a x)^2, no sums, and the same a as it."""
+    from adamkit.algorithms.adafactor import AdafactorScalars, _ema_rsqrt
+    from adamkit.engines.reference import ReferenceEngine
+
+    s = AdafactorScalars(lr=0.01, one_minus_beta2=0.3, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
+                         weight_decay=0.0, step_size=math.nan, max_rsqrt=math.nan)
+    gen = torch.Generator().manual_seed(12)
+    cases = [((40, 50), torch.float32, torch.bfloat16), ((40, 50), torch.bfloat16,
+                                                          torch.bfloat16),
+             ((16, 8, 3, 3), torch.float32, torch.float32)]
+    for shape, dtype, state_dtype in cases:
+        x = torch.randn(shape, generator=gen).to(dtype)
+        state = torch.rand(shape[:-1] + (1,), generator=gen).to(state_dtype)
+        results = []
+        for engine in (fused_cpu.FusedEngine(dtype), ReferenceEngine(dtype)):
+            st = state.clone()
+            a, cols, w, sums = engine.sq_stats_last_dims(_ema_rsqrt, s, st, x, x)
+            assert w is None and sums is None, (shape, dtype, engine)
+            results.append((a, cols, st))
+        for got, want in zip(*results):
+            assert _rel(got, want) <= 1e-6, (shape, dtype)
+
+
+def _adafactor_redo_flags(monkeypatch) -> list:
+    """Record every ``where`` Adafactor passes to sums_where (per tensor or per cohort)."""
+    from adamkit import optimizer as optimizer_module
+
+    seen = []
+    for cls in (fused_cpu.FusedEngine, optimizer_module._BlockEngine):
+        original = cls.sums_where
+
+        def record(self, where, *args, _original=original):
+            seen.append(bool(torch.as_tensor(where).any()))
+            return _original(self, where, *args)
+
+        monkeypatch.setattr(cls, "sums_where", record)
+    return seen
+
+
+@pytest.mark.parametrize("case,redo", [
+    ("plain", False),
+    ("zero rows", False),  # rows of g that are all zero add nothing, whatever their a
+    ("clamped", True),  # eps1 = 0.1: 1/sqrt(V) is clamped at 10 for many elements
+    ("eps1 0, zero rows", True),  # 0 * inf in U: NaN, as the reference gives
+    ("nan gradient", True),
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_adafactor_one_pass_sum_matches_per_element_pass(monkeypatch, case, redo, dtype, tol):
+    """The fused engine's sum(U^2) from column sums (sum_j b_j^2 W_j) gives the reference's
+    step for 10 steps, and falls back to the per-element pass exactly where that sum would
+    differ (the clamp at 1/eps1, NaN): NaN in the same places, the rest within tol."""
+    shapes = [(70, 90), (3, 40, 50), (300, 257), (100,)]
+    eps = {"clamped": (0.1, 1e-3), "eps1 0, zero rows": (0.0, 1e-3)}.get(case, (None, 1e-3))
+    seen = _adafactor_redo_flags(monkeypatch)
+    results = []
+    for backend in ("reference", "fused"):
+        gen = torch.Generator().manual_seed(13)
+        params = [torch.randn(sh, generator=gen, dtype=torch.float64).to(dtype)
+                  for sh in shapes]
+        opt = adamkit.Adafactor(params, lr=0.05, eps=eps, weight_decay=0.1, backend=backend)
+        for step in range(10):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                          * 1e-2).to(dtype)  # 1/sqrt(V) ~ 100: over 1/eps1 = 10 when clamped
+                if "zero rows" in case and p.dim() > 1:
+                    p.grad[..., 1::4, :] = 0.0
+                if case == "nan gradient" and step == 7 and p.dim() > 1:
+                    p.grad[..., 2, 3] = math.nan
+            opt.step()
+        results.append((params, opt))
+    (ref, ref_opt), (fused, opt) = results
+    assert seen and any(seen) == redo
+    for i, (p, q) in enumerate(zip(fused, ref)):
+        assert torch.equal(p.isnan(), q.isnan()), (case, i)
+        if case in ("eps1 0, zero rows", "nan gradient") and p.dim() > 1:
+            assert p.isnan().all(), (case, i)  # its step size is NaN: so is all of it
+        assert _rel(p.nan_to_num(), q.nan_to_num()) <= tol, (case, i)
+        for key in opt.state[p]:
+            if key != "step":
+                got, want = opt.state[p][key], ref_opt.state[q][key]
+                assert torch.equal(got.isnan(), want.isnan()), (case, i, key)
+                assert _rel(got.nan_to_num(), want.nan_to_num()) <= tol, (case, i, key)

@@ -47,6 +47,12 @@ def test_int8_bytes_per_param():
     ("lion", None, 12, 8),  # p, g, m read; p, m written
     # FAdam's three maps: g; p, g, fim (sums only); p, g, fim, exp_avg -> p, fim, exp_avg
     ("fadam", None, 4 + 12 + 16, 12),
+    # Adafactor on 64 x 4096: one pass over g and p (8 B) that also reads and writes the row
+    # factor (64 values); the mean of the row factor (64 read); the column factor's EMA (its
+    # 4096 values and the column means, read and written); sum(U^2) from the column means and
+    # w (2 x 4096 read); the update (p, g: 8 B, a: 64 and b: 4096 read; p written)
+    ("adafactor", None, 8 + 8 + 4 * (3 * 64 + 5 * 4096) / (64 * 4096),
+     4 + 4 * (64 + 2 * 4096) / (64 * 4096)),
     # int8 (64 x 4096 is above the 4096-element threshold): each state is 1-byte codes plus a
     # float32 absmax per 256-element block; p and g stay float32
     ("adamw", "int8", 4 + 4 + 2 * (1 + 4 / 256), 4 + 2 * (1 + 4 / 256)),

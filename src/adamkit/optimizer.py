@@ -104,7 +104,8 @@ class Optimizer(torch.optim.Optimizer):
     #: a generator ``apply`` that also runs once for a whole param group on the fused fast
     #: path (see _GroupLockstepPlan): ``p``, ``g`` and the slots then stand for all the
     #: group's tensors (only ``numel()``, an array of sizes, and ``dtype`` are available;
-    #: ``engine.mean_sq_last_dims``, ``mean_rows`` and ``per_tensor`` work on them), the sums and
+    #: ``engine.mean_sq_last_dims``, ``sq_stats_last_dims``, ``sums_where``, ``mean_rows`` and
+    #: ``per_tensor`` work on them), the sums and
     #: ``per_tensor`` values arrive as NumPy arrays with one value per tensor, and the
     #: scalars it computes from them may be such arrays, so its arithmetic must be written
     #: with operators and ``ops``' ``sqrt``, ``minimum`` and ``maximum``, without branches
@@ -1016,8 +1017,8 @@ class _Cohort:
     """The tensors of a :class:`_GroupLockstepPlan` whose generators queued the same sequence
     of maps (same kernels and operand roles) last step: one vectorized run serves them all."""
 
-    __slots__ = ("positions", "names", "dtype", "params", "slots", "sizes", "seed_bases",
-                 "calls")
+    __slots__ = ("positions", "names", "dtype", "maximize", "params", "slots", "sizes",
+                 "seed_bases", "calls")
 
 
 class _GroupLockstepPlan(_GroupPlan):
@@ -1111,6 +1112,7 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
     cohort.positions = [m[0] for m in members]
     cohort.names = first.names
     cohort.dtype = first.dtype
+    cohort.maximize = first.maximize
     cohort.params = [p for _, _, p, _ in members]
     cohort.slots = [plan.slots for _, _, _, plan in members]
     cohort.sizes = np.array([p.numel() for _, _, p, _ in members], dtype=np.int64)
@@ -1171,6 +1173,23 @@ class _Scratch:
         self.tensors = tensors
         self.addresses = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
         self.kind = fused_cpu._KINDS.get(tensors[0].dtype) if tensors else None
+
+
+class _Gathered(fused_cpu.Pending):
+    """The members' pending sums as one: ``value`` (read after the flush) holds one array per
+    sum, with one value per member."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    @property
+    def value(self):
+        import numpy as np
+
+        parts = self.parts
+        return [np.array([part.value[q] for part in parts]) for q in range(len(parts[0].value))]
 
 
 class _BlockEngine:
@@ -1258,6 +1277,48 @@ class _BlockEngine:
             cols.append(c)
         self.keep.append((rows, cols))
         return _Scratch(rows), _Scratch(cols)
+
+    def _row_scalars(self, s, i: int):
+        """Member i's scalars (a field may hold one value per member)."""
+        import numpy as np
+
+        return type(s)(*(float(v[i]) if isinstance(v, np.ndarray) else v for v in s))
+
+    def sq_stats_last_dims(self, fn, s, state, x, y):
+        import numpy as np
+
+        engine = fused_cpu.FusedEngine(self.cohort.dtype, batch=self.batch)
+        members = list(zip(self._tensors(state), self._tensors(x), self._tensors(y)))
+        fast = [engine.makes_row_stats(*member) for member in members]
+        if not any(fast):  # the reference path, as the per-tensor run took it
+            a, cols = self.mean_sq_last_dims(x)
+            self.map(fn, s, [state, a], [state, a])
+            return a, cols, None, None
+        if not all(fast):
+            raise self._unfit(self._call, "sq_stats_last_dims cannot take one path for all")
+        made = [engine.sq_stats_last_dims(fn, self._row_scalars(s, i), *member)
+                for i, member in enumerate(members)]
+        self.keep.append(made)
+        return (_Scratch([m[0] for m in made]), _Scratch([m[1] for m in made]),
+                _Scratch([m[2] for m in made]), _Gathered([m[3] for m in made]))
+
+    def sums_where(self, where, fn, s, ins, n_sums: int):
+        import numpy as np
+
+        where = np.broadcast_to(np.asarray(where, dtype=bool), (self.rows,))
+        sums = np.zeros((n_sums, self.rows))
+        if where.any():
+            if self.batch.writes:
+                self.batch.flush()
+            grads = self.grads
+            columns = [x if x is None or isinstance(x, (int, float, np.ndarray))
+                       else self._tensors(x) for x in ins]
+            for i in np.flatnonzero(where).tolist():
+                row = [x[i] if isinstance(x, (list, np.ndarray)) else x for x in columns]
+                engine = fused_cpu.FusedEngine(
+                    self.cohort.dtype, negate=grads[i] if self.cohort.maximize else None)
+                sums[:, i] = engine.map(fn, self._row_scalars(s, i), row, [], n_sums)
+        return list(sums)
 
     def map(self, fn, s, ins, outs, n_sums: int = 0):
         import numpy as np

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import storage
 from .. import validation as v
-from ..engines.ops import lerp, maximum, minimum, sqrt
+from ..engines.ops import lerp, maximum, minimum, sign, sqrt
 from ..engines.reference import compute_dtype
 from ..optimizer import Optimizer
 
@@ -53,6 +54,20 @@ def _update_sq(s: AdafactorScalars, p, g, a, b):
     # sums for RMS(U) and RMS(p) (the step size's), in one pass over g and p
     u = _scaled_update(s, g, a, b)
     return u * u, p * p
+
+
+def _factored_update_sq(s: AdafactorScalars, b, w, a_max):
+    # sum(U^2) per column from W_j = sum_i (a_i g_ij)^2 (made in the pass over g): b_j^2 W_j.
+    # Exact unless a nonzero g_ij has a_i b_j > 1/eps1 (the clamp of _scaled_update): the
+    # second sum counts the columns where that can happen (b_j max(a) > 1/eps1, max over
+    # the rows whose g is not all 0; NaN counts too).
+    return b * b * w, sign(w) * maximum(sign(b * a_max - s.max_rsqrt), 0.0)
+
+
+def _choose(flag, yes, no):
+    """``yes`` where ``flag`` holds, else ``no`` (numbers, or arrays of one value per tensor)."""
+    chosen = np.where(flag, yes, no)
+    return float(chosen) if chosen.ndim == 0 else chosen
 
 
 def _apply_update(s: AdafactorScalars, p, g, a, b):
@@ -194,12 +209,26 @@ class Adafactor(Optimizer):
             return
         row, col = slots["row_var"], slots["col_var"]
         # the factors' EMAs also leave a = 1/sqrt(R) and b = 1/sqrt(C / norm) in place of the
-        # row and column means of g^2 (in the compute dtype, from the unrounded R and C)
-        a, b = engine.mean_sq_last_dims(g)
-        engine.map(_ema_rsqrt, s, [row, a], [row, a])
-        yield  # R's EMA has run (for every tensor: lockstep)
+        # row and column means of g^2 (in the compute dtype, from the unrounded R and C). An
+        # engine that reads each row of g once (the fused one) runs R's EMA as it goes and
+        # also makes w, the column sums of (a g)^2, with sum(p^2) and the largest a in stats.
+        a, b, w, stats = engine.sq_stats_last_dims(_ema_rsqrt, s, row, g, p)
+        stats = yield stats  # R's EMA has run (for every tensor: lockstep)
         norm = engine.per_tensor(_row_norm, engine.mean_rows(row), s.eps1, p.dtype)
         yield engine.map(_ema_scaled_rsqrt, s, [col, b, norm], [col, b])
-        u_sq, p_sq = yield engine.map(_update_sq, s, [p, g, a, b], [], n_sums=2)
+        if w is None:
+            u_sq, p_sq = yield engine.map(_update_sq, s, [p, g, a, b], [], n_sums=2)
+        else:
+            # sum(U^2) = sum_j b_j^2 w_j: a pass over columns instead of over g and p. Where
+            # the clamp may act, the sum is not finite, or an all-zero row of g has a = inf
+            # with 1/eps1 = inf (0 * inf: NaN, as the per-element pass gives), the
+            # per-element pass runs for that tensor.
+            p_sq, a_max, a_zero = stats
+            u_sq, clamped = yield engine.map(_factored_update_sq, s, [b, w, a_max], [],
+                                             n_sums=2)
+            redo = (np.not_equal(clamped, 0) | ~np.isfinite(u_sq)
+                    | (np.isinf(a_zero) & (s.max_rsqrt == math.inf)))
+            exact, _ = engine.sums_where(redo, _update_sq, s, [p, g, a, b], 2)
+            u_sq = _choose(redo, exact, u_sq)
         s = s._replace(step_size=_step_size(s, u_sq, p_sq, n))
         engine.map(_apply_update, s, [p, g, a, b], [p])

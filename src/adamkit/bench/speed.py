@@ -135,6 +135,18 @@ class CountingEngine(ReferenceEngine):
         self.read += storage.state_nbytes(x)
         return super().mean_rows(x)
 
+    def sq_stats_last_dims(self, fn, s, state, x, y):
+        # the fused engine's pass: each row of x read once (with y's), the row rule on the way
+        self.read += storage.state_nbytes(x) + storage.state_nbytes(y)
+        self.read += storage.state_nbytes(state)
+        self.written += storage.state_nbytes(state)
+        a, cols = ReferenceEngine.mean_sq_last_dims(self, x)
+        return a, cols, torch.ones_like(cols), [1.0, 1.0, 1.0]
+
+    def sums_where(self, where, fn, s, ins, n_sums):
+        # a fallback pass that runs only where the one-pass result is not exact: not counted
+        return [0.0] * n_sums
+
 
 def traffic_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
                       shape=(64, 4096)) -> tuple[float, float]:

@@ -48,6 +48,16 @@ class ReferenceEngine:
       with ``keepdim`` shapes ``(..., n, 1)`` and ``(..., 1, m)``.
     * ``mean_rows(x)``: ``x.mean(dim=-2, keepdim=True)`` of a ``(..., n, 1)`` tensor (Adafactor's
       mean of its row factor), in x's dtype.
+    * ``sq_stats_last_dims(fn, s, state, x, y)``: ``mean_sq_last_dims(x)``, then the row rule
+      ``fn(s, state, row_means) -> (new state, a)`` as a map (``state`` written, ``a`` written
+      over the row means); returns ``(a, column means, w, sums)``. An engine that reads each
+      row of ``x`` once may also return ``w``, the column sums of ``(a * x)**2``, and ``sums``,
+      to be yielded (``[sum of y**2, max a over rows whose mean of x**2 is not 0, max a over
+      the others]``); this one returns both as None (Adafactor's one-pass sum of its update's
+      squares, which the rule checks against its per-element pass).
+    * ``sums_where(where, fn, s, ins, n_sums)``: the sums of ``map(fn, s, ins, [], n_sums)``
+      where ``where`` holds, ``n_sums`` zeros otherwise (a vectorized run gives an array of
+      flags and gets arrays of sums: see ``Optimizer.vectorized_apply``).
     * ``per_tensor(fn, t, *args)``: ``fn(t, *args)``, torch code on one whole tensor (Adafactor's
       norm from that mean); a vectorized run of a generator ``apply`` gets an array of its
       values, one per tensor ``t`` stands for, so ``fn`` must return a number there.
@@ -95,6 +105,16 @@ class ReferenceEngine:
 
     def per_tensor(self, fn: Callable, t: Tensor, *args):
         return fn(t, *args)
+
+    def sq_stats_last_dims(self, fn: Callable, s, state: Tensor, x: Tensor, y: Tensor):
+        a, cols = self.mean_sq_last_dims(x)
+        self.map(fn, s, [state, a], [state, a])
+        return a, cols, None, None
+
+    def sums_where(self, where, fn: Callable, s, ins: Sequence, n_sums: int) -> list:
+        if not where:
+            return [0.0] * n_sums
+        return self.map(fn, s, ins, [], n_sums)
 
     def mean_rows(self, x: Tensor) -> Tensor:
         return x.mean(dim=-2, keepdim=True)
