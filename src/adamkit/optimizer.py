@@ -1018,7 +1018,7 @@ class _Cohort:
     of maps (same kernels and operand roles) last step: one vectorized run serves them all."""
 
     __slots__ = ("positions", "names", "dtype", "maximize", "params", "slots", "sizes",
-                 "seed_bases", "calls")
+                 "seed_bases", "calls", "row_stats")
 
 
 class _GroupLockstepPlan(_GroupPlan):
@@ -1113,6 +1113,7 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
     cohort.names = first.names
     cohort.dtype = first.dtype
     cohort.maximize = first.maximize
+    cohort.row_stats = None  # see _BlockEngine.sq_stats_last_dims
     cohort.params = [p for _, _, p, _ in members]
     cohort.slots = [plan.slots for _, _, _, plan in members]
     cohort.sizes = np.array([p.numel() for _, _, p, _ in members], dtype=np.int64)
@@ -1285,17 +1286,79 @@ class _BlockEngine:
         return type(s)(*(float(v[i]) if isinstance(v, np.ndarray) else v for v in s))
 
     def sq_stats_last_dims(self, fn, s, state, x, y):
+        """Queued as one launch for the cohort, with the tables (and the tensors it makes:
+        a, the column means, w) kept on the cohort from one step to the next; only the
+        gradients' addresses and the scalars are new each step. Per member where the cohort
+        is split by step counts or the row rule's outcomes differ between members."""
         import numpy as np
 
-        engine = fused_cpu.FusedEngine(self.cohort.dtype, batch=self.batch)
-        members = list(zip(self._tensors(state), self._tensors(x), self._tensors(y)))
-        fast = [engine.makes_row_stats(*member) for member in members]
-        if not any(fast):  # the reference path, as the per-tensor run took it
+        made = self.cohort.row_stats if self.select is None else None
+        roles = tuple(getattr(t, "role", None) for t in (state, x, y))
+        if made is None or made[0] is not fn or made[1] != roles:
+            made = self._row_stats_tables(fn, state, x, y)
+            if self.select is None:
+                self.cohort.row_stats = made
+        if made[2] is None:  # the reference path, as the per-tensor run took it
             a, cols = self.mean_sq_last_dims(x)
             self.map(fn, s, [state, a], [state, a])
             return a, cols, None, None
-        if not all(fast):
+        _, _, kinds, tables, address, reads, writes, scratch = made
+        groups = fused_cpu.block_outcomes(fn, s, fused_cpu.compute_dtype(self.cohort.dtype),
+                                          self.rows)
+        if len(groups) != 1:
+            return self._row_stats_each(fn, s, state, x, y)
+        self.keep.append(scratch)  # the maps queued after may read them: alive until the flush
+        grads = self.grad_addresses
+        batch = self.batch
+        if batch.writes and not (batch.writes.isdisjoint(reads)
+                                 and batch.writes.isdisjoint(grads.tolist())):
+            batch.flush()
+        sums = fused_cpu.Pending()
+        batch.add_row_stats_block((fn, groups[0][0], type(s)._fields) + kinds,
+                                  _scalar_rows(s, self.rows), [grads, *address], tables,
+                                  writes, sums, self.keep)
+        return (*scratch, sums)
+
+    def _row_stats_tables(self, fn, state, x, y) -> tuple:
+        """What :meth:`sq_stats_last_dims` keeps on the cohort: ``(fn, roles, kinds, tables,
+        address columns of y, state, a, cols and w, the addresses it reads besides the
+        gradients, those it writes, the _Scratch of a, cols and w)``; ``kinds`` None where
+        the fused engine takes the reference path for these tensors."""
+        import numpy as np
+
+        engine = fused_cpu.FusedEngine(self.cohort.dtype)
+        members = list(zip(self._tensors(state), self._tensors(x), self._tensors(y)))
+        roles = tuple(getattr(t, "role", None) for t in (state, x, y))
+        fast = [engine.makes_row_stats(*member) for member in members]
+        if not any(fast):
+            return (fn, roles, None)
+        if not all(fast) or len({st.dtype for st, _, _ in members}) != 1:
             raise self._unfit(self._call, "sq_stats_last_dims cannot take one path for all")
+        kinds = (fused_cpu._KINDS[members[0][1].dtype], fused_cpu._KINDS[members[0][0].dtype])
+        dtype = fused_cpu.compute_dtype(self.cohort.dtype)
+        made = [[], [], []]
+        for st, xt, yt in members:
+            lead, n, m = tuple(xt.shape[:-2]), xt.shape[-2], xt.shape[-1]
+            both = torch.empty((2,) + lead + (1, m), dtype=dtype)
+            made[0].append(torch.empty(lead + (n, 1), dtype=dtype))
+            made[1].append(both[0])
+            made[2].append(both[1])
+        tables = fused_cpu.row_stats_tables(
+            [(xt.numel() // (xt.shape[-2] * xt.shape[-1]), xt.shape[-2], xt.shape[-1])
+             for _, xt, _ in members])
+        columns = [[yt for _, _, yt in members], [st for st, _, _ in members], *made]
+        address = [np.array([t.data_ptr() for t in column], dtype=np.uint64)
+                   for column in columns]
+        reads = address[0].tolist() + address[1].tolist()
+        writes = [a for column in address[1:] for a in column.tolist()]
+        return (fn, roles, kinds, tables, address, reads, writes,
+                tuple(_Scratch(column) for column in made))
+
+    def _row_stats_each(self, fn, s, state, x, y):
+        engine = fused_cpu.FusedEngine(self.cohort.dtype, batch=self.batch)
+        members = list(zip(self._tensors(state), self._tensors(x), self._tensors(y)))
+        for member in members:
+            engine._after_queued_writes(member)
         made = [engine.sq_stats_last_dims(fn, self._row_scalars(s, i), *member)
                 for i, member in enumerate(members)]
         self.keep.append(made)

@@ -1184,21 +1184,25 @@ def _row_stats_source(rule_src: str, imports: Sequence[str], fields: Sequence[st
                       state_kind: str) -> str:
     """The kernel of :meth:`FusedEngine.sq_stats_last_dims` for a row rule, over many tensors
     in one launch: ``kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts,
-    stats)``. Tensor t has scalars ``svs[t]``, x and y (``kind``, the compute dtype) viewed as
-    ``shapes[t] = (batch, n, m)`` at ``xs[t]`` and ``ys[t]``, its row state (``state_kind``,
-    batch * n) at ``states[t]``, and gets a (batch * n), the column means of x**2 and the
-    column sums of (a x)**2 (batch * m each) at ``a_at[t]``, ``col_at[t]`` and ``w_at[t]``,
-    and ``stats[t] = (sum of y**2, max a over rows whose mean is not 0, max a over the
-    others)``.
+    banded, found)``. Tensor t has scalars ``svs[t]``, x and y (``kind``, the compute dtype)
+    viewed as ``shapes[t] = (batch, n, m)`` at ``xs[t]`` and ``ys[t]``, its row state
+    (``state_kind``, batch * n) at ``states[t]``, and gets a (batch * n), the column means of
+    x**2 and the column sums of (a x)**2 (batch * m each) at ``a_at[t]``, ``col_at[t]`` and
+    ``w_at[t]``. Work item i (``items``: cumulative per tensor) writes ``found[i] = (sum of
+    y**2, max a over its rows whose mean is not 0, max a over the others)``.
 
     Work items are bands of rows of about numba_ops.BAND elements (:func:`_row_stats_plan`).
     A row is read once from memory: its sum of x**2 (in the element dtype per run of
     SUM_RUN * 64 elements, then in float64: numba_ops.sq_means_many's order, so the row means
     keep their bits), its squares added to the band's column sums and y's squares to the
-    tensor's; the row rule then turns the mean into the new state and a, and a second loop
-    over the row, now in the L1 cache, adds (a x)**2 to the band's other column sums (rows
-    with a zero mean add nothing there). Column sums go to float64 every SUM_RUN rows; a
-    second parallel loop adds up the bands'."""
+    item's; the row rule then turns the mean into the new state and a, and a second loop over
+    the row, now in the L1 cache, adds (a x)**2 to the band's other column sums (rows with a
+    zero mean add nothing there). Column sums go to float64 every SUM_RUN rows, in the work
+    item's own arrays: a matrix of one band writes its columns at once; the bands of larger
+    ones (``banded``: those tensors; ``parts``: where their bands' sums go) are added up by a
+    second parallel loop. (Shared partial arrays for every matrix made the kernel 2-3x slower
+    on GPT-2's shapes at --scale 0.005: their fresh pages faulted in, and the finishing loop
+    read them from the other core.)"""
     E = "np.float32" if kind == "f32" else "np.float64"
     fields_src = ", ".join(f"sv[{i}]" for i in range(len(fields)))
     seg = "SUM_RUN * 64"
@@ -1209,10 +1213,9 @@ from adamkit.engines.numba_ops import _bands
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, stats):
-    cpart = np.zeros(parts[-1], dtype=np.float64)
-    wpart = np.zeros(parts[-1], dtype=np.float64)
-    found = np.zeros((items[-1], 3), dtype=np.float64)
+def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, banded, found):
+    cpart = np.empty(parts[-1], dtype=np.float64)
+    wpart = np.empty(parts[-1], dtype=np.float64)
     for it in numba.prange(items[-1]):
         t = np.searchsorted(items, it, side="right") - 1
         w = it - items[t]
@@ -1228,9 +1231,10 @@ def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, stats)
         b = w // splits
         r0 = (w - b * splits) * band
         r1 = min(r0 + band, n)
-        at = parts[t] + w * m
         run = np.zeros(m, _E)
         wrun = np.zeros(m, _E)
+        csum = np.zeros(m, np.float64)
+        wsum = np.zeros(m, np.float64)
         ysum = 0.0
         amax = _E(0.0)
         azero = _E(0.0)
@@ -1266,63 +1270,70 @@ def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, stats)
                 azero = ai
             if (j - r0) % SUM_RUN == SUM_RUN - 1 or j == r1 - 1:
                 for k0 in range(m):
-                    cpart[at + k0] += np.float64(run[k0])
-                    wpart[at + k0] += np.float64(wrun[k0])
+                    csum[k0] += np.float64(run[k0])
+                    wsum[k0] += np.float64(wrun[k0])
                     run[k0] = 0.0
                     wrun[k0] = 0.0
+        if splits == 1:
+            _store_columns(csum, wsum, b, n, m, col_at[t], w_at[t])
+        else:
+            at = parts[t] + w * m
+            cpart[at:at + m] = csum
+            wpart[at:at + m] = wsum
         found[it, 0] = ysum
         found[it, 1] = amax
         found[it, 2] = azero
-    for t in numba.prange(len(shapes)):
-        _finish_stats(cpart, wpart, found, stats, t, parts[t], items[t], items[t + 1],
-                      shapes[t, 0], shapes[t, 1], shapes[t, 2], col_at[t], w_at[t])
+    for q in numba.prange(len(banded)):
+        t = banded[q]
+        _finish_columns(cpart, wpart, parts[t], shapes[t, 0], shapes[t, 1], shapes[t, 2],
+                        col_at[t], w_at[t])
     return ()
 
 
 @numba.njit(cache=True, error_model="numpy", nogil=True)
-def _finish_stats(cpart, wpart, found, stats, t, at, i0, i1, batch, n, m, col_at, w_at):
-    # a function, not inline: Numba drops a parallel loop whose only effect is a store
-    # through a raw pointer
+def _store_columns(csum, wsum, b, n, m, col_at, w_at):
+    # matrix b's column means of x**2 and sums of (a x)**2 (functions, not inline: Numba
+    # drops a parallel loop whose only effect is a store through a raw pointer)
+    cols = numba.carray({_POINTERS[kind]}(col_at), (b + 1) * m)
+    ws = numba.carray({_POINTERS[kind]}(w_at), (b + 1) * m)
+    for k in range(m):
+        cols[b * m + k] = csum[k] / n
+        ws[b * m + k] = wsum[k]
+
+
+@numba.njit(cache=True, error_model="numpy", nogil=True)
+def _finish_columns(cpart, wpart, at, batch, n, m, col_at, w_at):
     splits = _bands(n, m)
-    cols = numba.carray({_POINTERS[kind]}(col_at), batch * m)
-    ws = numba.carray({_POINTERS[kind]}(w_at), batch * m)
-    for bq in range(batch):
-        for k in range(m):
-            acc = 0.0
-            wacc = 0.0
-            for w in range(bq * splits, bq * splits + splits):
-                acc += cpart[at + w * m + k]
-                wacc += wpart[at + w * m + k]
-            cols[bq * m + k] = acc / n
-            ws[bq * m + k] = wacc
-    total = 0.0
-    amax = 0.0
-    azero = 0.0
-    for i in range(i0, i1):
-        total += found[i, 0]
-        amax = max(amax, found[i, 1])
-        azero = max(azero, found[i, 2])
-    stats[t, 0] = total
-    stats[t, 1] = amax
-    stats[t, 2] = azero
+    for b in range(batch):
+        csum = np.zeros(m, np.float64)
+        wsum = np.zeros(m, np.float64)
+        for w in range(b * splits, b * splits + splits):
+            for k in range(m):
+                csum[k] += cpart[at + w * m + k]
+                wsum[k] += wpart[at + w * m + k]
+        _store_columns(csum, wsum, b, n, m, col_at, w_at)
 """
     header = _module_header(imports, E, fields)
     return "\n".join(header) + rule_src + body
 
 
 def _row_stats_plan(shapes) -> tuple:
-    """(items, parts) for :func:`_row_stats_source`'s kernel over tensors of ``shapes``
-    ((batch, n, m) each): cumulative work items (bands of rows) and column partial sums."""
+    """(items, parts, banded) for :func:`_row_stats_source`'s kernel over tensors of
+    ``shapes`` ((batch, n, m) each): cumulative work items (bands of rows), cumulative
+    partial column sums (only for tensors of more than one band per matrix) and the indices
+    of those tensors."""
     import numpy as np
 
     from . import numba_ops
 
-    bands = np.array([batch * numba_ops._bands(n, m) for batch, n, m in shapes], dtype=np.int64)
+    splits = np.array([numba_ops._bands(n, m) for _, n, m in shapes], dtype=np.int64)
+    batch = np.array([sh[0] for sh in shapes], dtype=np.int64)
+    m = np.array([sh[2] for sh in shapes], dtype=np.int64)
     items = np.zeros(len(shapes) + 1, dtype=np.int64)
     parts = np.zeros(len(shapes) + 1, dtype=np.int64)
-    np.cumsum(bands, out=items[1:])
-    np.cumsum(bands * np.array([m for _, _, m in shapes], dtype=np.int64), out=parts[1:])
-    return items, parts
+    np.cumsum(batch * splits, out=items[1:])
+    np.cumsum(np.where(splits > 1, batch * splits * m, 0), out=parts[1:])
+    return items, parts, np.flatnonzero(splits > 1).astype(np.int64)
 
 
 def _row_stats_kernel(fn: Callable, outcomes: tuple, fields: tuple, kind: str,
@@ -1343,27 +1354,49 @@ def _row_stats_kernel(fn: Callable, outcomes: tuple, fields: tuple, kind: str,
     return kernel
 
 
+def row_stats_tables(shapes) -> tuple:
+    """The tables of :func:`run_row_stats` that depend on the tensors' shapes only: their
+    ``(batch, n, m)`` array and :func:`_row_stats_plan`'s."""
+    import numpy as np
+
+    return (np.array(shapes, dtype=np.int64).reshape(-1, 3), *_row_stats_plan(shapes))
+
+
+def run_row_stats(key: tuple, svs, address: Sequence, tables: tuple):
+    """One launch of the row-statistics kernel ``key`` (see :func:`_row_stats`) over tensors
+    with scalars ``svs`` (one row each), the address columns of x, y, state, a, cols and w,
+    and ``tables`` from :func:`row_stats_tables`; returns a (tensors, 3) array: sum of y**2,
+    max a over rows with a nonzero mean, max a over the others."""
+    import numpy as np
+
+    kernel = _row_stats_kernel(*key)
+    shapes, items, parts, banded = tables
+    found = np.empty((int(items[-1]), 3), dtype=np.float64)
+    args = (svs, *address, shapes, items, parts, banded, found)
+    if _serialize_calls():
+        with _lock:
+            kernel(*args)
+    else:
+        kernel(*args)
+    first = items[:-1]
+    return np.stack([np.add.reduceat(found[:, 0], first),
+                     np.maximum.reduceat(found[:, 1], first),
+                     np.maximum.reduceat(found[:, 2], first)], axis=1)
+
+
 def _row_stats(queued: dict) -> None:
     """Run the row statistics queued under each ``(fn, outcomes, fields, kind, state_kind)``
     as ``(values, x, y, state, a, cols, w, pending)``: one launch per key; each ``pending``
     gets ``[sum of y**2, max a over rows with a nonzero mean, max a over the others]``."""
     import numpy as np
 
-    for (fn, outcomes, fields, kind, state_kind), entries in queued.items():
-        kernel = _row_stats_kernel(fn, outcomes, fields, kind, state_kind)
-        shapes = [(x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2], x.shape[-1])
-                  for _, x, *_ in entries]
-        items, parts = _row_stats_plan(shapes)
+    for key, entries in queued.items():
+        tables = row_stats_tables([(x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2],
+                                    x.shape[-1]) for _, x, *_ in entries])
         svs = np.array([e[0] for e in entries], dtype=np.float64).reshape(len(entries), -1)
         address = [np.array([t.data_ptr() for t in column], dtype=np.uint64)
                    for column in list(zip(*entries))[1:7]]
-        stats = np.empty((len(entries), 3), dtype=np.float64)
-        args = (svs, *address, np.array(shapes, dtype=np.int64), items, parts, stats)
-        if _serialize_calls():
-            with _lock:
-                kernel(*args)
-        else:
-            kernel(*args)
+        stats = run_row_stats(key, svs, address, tables)
         for entry, values in zip(entries, stats.tolist()):
             entry[7].value = values
 
@@ -1567,6 +1600,8 @@ class KernelBatch:
         self._means: dict[tuple, list] = {}
         #: deferred row statistics (FusedEngine.sq_stats_last_dims) per kernel key
         self._stats: dict[tuple, list] = {}
+        #: ... and launches of them given as ready-made tables (see add_row_stats_block)
+        self._stat_blocks: list = []
         #: the most recently added map, as ``(spec, n, operands)``: what :meth:`repeat` needs
         self.last: tuple | None = None
         #: addresses of the tensors the queued maps and means write (see FusedEngine)
@@ -1578,7 +1613,7 @@ class KernelBatch:
         return sum(len(entries) for entries in self._groups.values()) + sum(
             len(block[1]) for blocks in self._blocks.values() for block in blocks) + sum(
             len(means) for means in self._means.values()) + sum(
-            len(stats) for stats in self._stats.values())
+            len(stats) for stats in self._stats.values()) + len(self._stat_blocks)
 
     def add_means(self, x: Tensor, rows: Tensor, cols: Tensor) -> None:
         """Fill ``rows`` and ``cols`` with the row and column means of ``x**2`` over its last
@@ -1593,6 +1628,15 @@ class KernelBatch:
         means of squares."""
         self._stats.setdefault(key, []).append(entry)
         self.writes.update(t.data_ptr() for t in entry[3:7])
+
+    def add_row_stats_block(self, key: tuple, svs, address: Sequence, tables: tuple,
+                            writes: Sequence[int], sums: "Pending", keep) -> None:
+        """Queue one launch of :func:`run_row_stats` with ready-made tables (a vectorized
+        run's, for all the tensors of a cohort); at ``flush()`` ``sums.value`` becomes its
+        three statistics, one array each with one value per tensor. ``writes``: the addresses
+        it stores to (row state, a, cols, w)."""
+        self._stat_blocks.append((key, svs, address, tables, sums, keep))
+        self.writes.update(writes)
 
     def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep,
             sums: Pending | None = None, dims: tuple[int, int] | None = None) -> None:
@@ -1675,12 +1719,16 @@ class KernelBatch:
         blocks, self._blocks = self._blocks, {}
         means, self._means = self._means, {}
         stats, self._stats = self._stats, {}
+        stat_blocks, self._stat_blocks = self._stat_blocks, []
         self.writes = set()
         self._map_writes = set()
         if means:  # the maps queued after them may read them
             _sq_means(means)
         if stats:
             _row_stats(stats)
+        for key, svs, address, tables, sums, _ in stat_blocks:
+            found = run_row_stats(key, svs, address, tables)
+            sums.value = [found[:, 0], found[:, 1], found[:, 2]]
         for spec in list(groups) + [spec for spec in blocks if spec not in groups]:
             (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
              n_sums, outcomes) = spec
@@ -2078,16 +2126,21 @@ class FusedEngine:
             self.map(fn, s, [state, a], [state, a])
             return a, cols, None, None
         self._after_queued_writes((x, y, state))
+        key = (fn, rule_outcomes(fn, s, self.dtype), type(s)._fields, _KINDS[x.dtype],
+               _KINDS[state.dtype])
+        return self.queue_row_stats(key, tuple(float(v) for v in s), state, x, y)
+
+    def queue_row_stats(self, key: tuple, values, state: Tensor, x: Tensor, y: Tensor):
+        """:meth:`sq_stats_last_dims` for tensors that :meth:`makes_row_stats` accepted and
+        that no queued map writes, with its kernel's ``key`` (see :func:`_row_stats`) and the
+        scalars' ``values`` given (a vectorized run makes them for many tensors at once)."""
         n, m = x.shape[-2], x.shape[-1]
         lead = tuple(x.shape[:-2])
         a = torch.empty(lead + (n, 1), dtype=self.dtype)
-        cols = torch.empty(lead + (1, m), dtype=self.dtype)
-        w = torch.empty(lead + (1, m), dtype=self.dtype)
-        fields = type(s)._fields
-        key = (fn, rule_outcomes(fn, s, self.dtype), fields, _KINDS[x.dtype],
-               _KINDS[state.dtype])
+        both = torch.empty((2,) + lead + (1, m), dtype=self.dtype)
+        cols, w = both[0], both[1]
         sums = Pending()
-        entry = (tuple(float(v) for v in s), x, y, state, a, cols, w, sums)
+        entry = (values, x, y, state, a, cols, w, sums)
         if self.batch is not None:
             self.batch.add_row_stats(key, entry)
             return a, cols, w, sums
