@@ -1290,8 +1290,6 @@ class _BlockEngine:
         a, the column means, w) kept on the cohort from one step to the next; only the
         gradients' addresses and the scalars are new each step. Per member where the cohort
         is split by step counts or the row rule's outcomes differ between members."""
-        import numpy as np
-
         made = self.cohort.row_stats if self.select is None else None
         roles = tuple(getattr(t, "role", None) for t in (state, x, y))
         if made is None or made[0] is not fn or made[1] != roles:
