@@ -1176,23 +1176,6 @@ class _Scratch:
         self.kind = fused_cpu._KINDS.get(tensors[0].dtype) if tensors else None
 
 
-class _Gathered(fused_cpu.Pending):
-    """The members' pending sums as one: ``value`` (read after the flush) holds one array per
-    sum, with one value per member."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self, parts: list):
-        self.parts = parts
-
-    @property
-    def value(self):
-        import numpy as np
-
-        parts = self.parts
-        return [np.array([part.value[q] for part in parts]) for q in range(len(parts[0].value))]
-
-
 class _BlockEngine:
     """The engine a vectorized generator ``apply`` runs on for a cohort (see
     :class:`_GroupLockstepPlan`): its k-th call must be the k-th the cohort recorded (a map of
@@ -1288,8 +1271,9 @@ class _BlockEngine:
     def sq_stats_last_dims(self, fn, s, state, x, y):
         """Queued as one launch for the cohort, with the tables (and the tensors it makes:
         a, the column means, w) kept on the cohort from one step to the next; only the
-        gradients' addresses and the scalars are new each step. Per member where the cohort
-        is split by step counts or the row rule's outcomes differ between members."""
+        gradients' addresses and the scalars are new each step (the tables are made again
+        where the cohort is split by step counts). The row rule's scalars must give every
+        member the same branches (its fields are numbers here in Adafactor's program)."""
         made = self.cohort.row_stats if self.select is None else None
         roles = tuple(getattr(t, "role", None) for t in (state, x, y))
         if made is None or made[0] is not fn or made[1] != roles:
@@ -1297,14 +1281,12 @@ class _BlockEngine:
             if self.select is None:
                 self.cohort.row_stats = made
         if made[2] is None:  # the reference path, as the per-tensor run took it
-            a, cols = self.mean_sq_last_dims(x)
-            self.map(fn, s, [state, a], [state, a])
-            return a, cols, None, None
+            return ReferenceEngine.sq_stats_last_dims(self, fn, s, state, x, y)
         _, _, kinds, tables, address, reads, writes, scratch = made
         groups = fused_cpu.block_outcomes(fn, s, fused_cpu.compute_dtype(self.cohort.dtype),
                                           self.rows)
-        if len(groups) != 1:
-            return self._row_stats_each(fn, s, state, x, y)
+        if len(groups) != 1:  # the kernel is one per outcome of the rule's branches
+            raise self._unfit(self._call, "the row rule's scalars differ between tensors")
         self.keep.append(scratch)  # the maps queued after may read them: alive until the flush
         grads = self.grad_addresses
         batch = self.batch
@@ -1351,17 +1333,6 @@ class _BlockEngine:
         writes = [a for column in address[1:] for a in column.tolist()]
         return (fn, roles, kinds, tables, address, reads, writes,
                 tuple(_Scratch(column) for column in made))
-
-    def _row_stats_each(self, fn, s, state, x, y):
-        engine = fused_cpu.FusedEngine(self.cohort.dtype, batch=self.batch)
-        members = list(zip(self._tensors(state), self._tensors(x), self._tensors(y)))
-        for member in members:
-            engine._after_queued_writes(member)
-        made = [engine.sq_stats_last_dims(fn, self._row_scalars(s, i), *member)
-                for i, member in enumerate(members)]
-        self.keep.append(made)
-        return (_Scratch([m[0] for m in made]), _Scratch([m[1] for m in made]),
-                _Scratch([m[2] for m in made]), _Gathered([m[3] for m in made]))
 
     def sums_where(self, where, fn, s, ins, n_sums: int):
         import numpy as np

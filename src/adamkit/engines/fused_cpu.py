@@ -557,6 +557,11 @@ def _translate(fn: Callable, name: str) -> _RuleProgram:
 # operand formats: "f32" / "f64" float arrays, "b16" bfloat16 bits in int16, "q8s" / "q8u"
 # 8-bit blockwise codes with one absmax per block, "num" a Python number, "none" no operand
 _FLOAT_ARRAYS = ("f32", "f64", "b16")
+#: the numba_ops pointer intrinsic a generated kernel reads each operand format through
+_POINTERS = {"f32": "_ptr_f32", "f64": "_ptr_f64", "b16": "_ptr_i16", "q8s": "_ptr_i8",
+             "q8u": "_ptr_u8"}
+#: the formats of x, y and the row state that sq_stats_last_dims's kernel takes
+_ROW_STATS_KINDS = ("f32", "f64")
 BLOCK = 256
 GROUP = 64  # blocks per parallel work item of the blockwise layout
 CHUNK = BLOCK * GROUP  # elements per parallel work item of the multi-tensor layouts
@@ -792,8 +797,6 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         out += [f"    {line}" for line in seeded]
     out += [f"    acc{q} = 0.0" for q in range(n_sums)]
     if multi:
-        pointer = {"f32": "_ptr_f32", "f64": "_ptr_f64", "b16": "_ptr_i16", "q8s": "_ptr_i8",
-                   "q8u": "_ptr_u8"}
         out.append("    for c in numba.prange(starts[-1]):")
         out.append("        t = np.searchsorted(starts, c, side=\"right\") - 1")
         out.append("        sv = svs[t]")
@@ -812,9 +815,9 @@ def _kernel_source(rule_src: str, imports: list[str], fields: Sequence[str], kin
         for j, kind in enumerate(kinds):
             if kind in _FLOAT_ARRAYS:
                 size = {"row": "n // m", "col": "n // nn"}.get(roles[j], "n") if roles else "n"
-                out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), {size})")
+                out.append(f"        a{j} = numba.carray({_POINTERS[kind]}(pa{j}[t]), {size})")
             elif kind in ("q8s", "q8u"):
-                out.append(f"        a{j} = numba.carray({pointer[kind]}(pa{j}[t]), n)")
+                out.append(f"        a{j} = numba.carray({_POINTERS[kind]}(pa{j}[t]), n)")
                 out.append(f"        x{j} = numba.carray(_ptr_f32(px{j}[t]), "
                            f"(n + {BLOCK - 1}) // {BLOCK})")
             elif kind == "num":
@@ -1177,7 +1180,6 @@ def kernel(x, row_means, col_means, batch):
     return kernel
 
 
-_POINTERS = {"f32": "_ptr_f32", "f64": "_ptr_f64"}
 
 
 def _row_stats_source(rule_src: str, imports: Sequence[str], fields: Sequence[str], kind: str,
@@ -1589,7 +1591,8 @@ class KernelBatch:
     factors), so small and large tensors share the threads. Maps with sums get per-tensor
     totals (per-chunk partial sums, added up per tensor in chunk order) in their
     :class:`Pending`. Row and column means of squares (:meth:`FusedEngine.mean_sq_last_dims`)
-    are deferred the same way, and run first, in one launch per dtype.
+    and row statistics (:meth:`FusedEngine.sq_stats_last_dims`) are deferred the same way,
+    and run first, in one launch per kernel.
     """
 
     def __init__(self):
@@ -2122,9 +2125,7 @@ class FusedEngine:
         is not 0, max a over the others]``. Anything else takes the reference engine's path
         (``mean_sq_last_dims``, then ``fn`` as a map), which gives ``w`` and ``sums`` as None."""
         if not self.makes_row_stats(state, x, y):
-            a, cols = self.mean_sq_last_dims(x)
-            self.map(fn, s, [state, a], [state, a])
-            return a, cols, None, None
+            return ReferenceEngine.sq_stats_last_dims(self, fn, s, state, x, y)
         self._after_queued_writes((x, y, state))
         key = (fn, rule_outcomes(fn, s, self.dtype), type(s)._fields, _KINDS[x.dtype],
                _KINDS[state.dtype])
@@ -2150,8 +2151,8 @@ class FusedEngine:
     def makes_row_stats(self, state, x: Tensor, y: Tensor) -> bool:
         """Whether :meth:`sq_stats_last_dims` takes its one-pass kernel for these tensors."""
         return (x.dtype is self.dtype and y.dtype is x.dtype and x.dim() >= 2
-                and _KINDS.get(x.dtype) in _POINTERS and isinstance(state, Tensor)
-                and _KINDS.get(state.dtype) in _POINTERS
+                and _KINDS.get(x.dtype) in _ROW_STATS_KINDS and isinstance(state, Tensor)
+                and _KINDS.get(state.dtype) in _ROW_STATS_KINDS
                 and x.shape[-2] * x.shape[-1] > SMALL_BCAST and x.numel() > 0
                 and y.shape == x.shape and x.is_contiguous() and y.is_contiguous()
                 and state.is_contiguous())
