@@ -1350,14 +1350,18 @@ def test_a_vectorized_map_whose_kernel_branches_per_tensor_splits_its_block(monk
 
 @pytest.mark.parametrize("shape", [(70, 90), (3, 40, 50), (2, 1100, 1001), (1, 70000),
                                    (300, 9)])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)],
-                         ids=["float64", "float32"])
-def test_sq_stats_last_dims_matches_torch(shape, dtype, tol):
+@pytest.mark.parametrize("dtype,state_dtype,tol", [
+    (torch.float64, torch.float64, 1e-13), (torch.float32, torch.float32, 2e-6),
+    (torch.bfloat16, torch.bfloat16, 2e-6), (torch.bfloat16, torch.float32, 2e-6)],
+    ids=["float64", "float32", "bfloat16", "bfloat16-float32-state"])
+def test_sq_stats_last_dims_matches_torch(shape, dtype, state_dtype, tol):
     """FusedEngine.sq_stats_last_dims (Adafactor's pass over g and p) against float64 torch:
     the row rule's new state and a from the row means of x^2, the column means of x^2, the
     column sums of (a x)^2 over the rows whose x is not all zero, sum(y^2) and the largest a
     of those rows and of the others (0 where there are none: 1 x 70000). Every third row of x
-    is zero; 1100 x 1001 is two bands."""
+    is zero; 1100 x 1001 is two bands. bfloat16 x and y are computed in float32 (a, the
+    column means and w are float32), a bfloat16 row state is stored rounded to nearest: a
+    comes from the unrounded state, as in the reference engine."""
     from adamkit.algorithms.adafactor import AdafactorScalars, _ema_rsqrt
 
     gen = torch.Generator().manual_seed(11)
@@ -1367,16 +1371,20 @@ def test_sq_stats_last_dims_matches_torch(shape, dtype, tol):
     state = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * 1e-3
     s = AdafactorScalars(lr=0.01, one_minus_beta2=0.3, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
                          weight_decay=0.0, step_size=math.nan, max_rsqrt=math.nan)
-    got_state = state.to(dtype).clone()
-    a, cols, w, sums = fused_cpu.FusedEngine(dtype).sq_stats_last_dims(
+    got_state = state.to(state_dtype).clone()
+    engine = fused_cpu.FusedEngine(dtype)
+    assert engine.makes_row_stats(got_state, x.to(dtype), y.to(dtype))
+    a, cols, w, sums = engine.sq_stats_last_dims(
         _ema_rsqrt, s, got_state, x.to(dtype), y.to(dtype))
     x, y = x.to(dtype).double(), y.to(dtype).double()
     rows = (x * x).mean(dim=-1, keepdim=True)
-    want_state = state.to(dtype).double() * 0.7 + rows * 0.3
+    want_state = state.to(state_dtype).double() * 0.7 + rows * 0.3
     want_a = 1 / want_state.sqrt()
     zero = rows == 0
-    assert a.dtype == cols.dtype == w.dtype == dtype
-    assert _rel(got_state, want_state) <= tol and _rel(a, want_a) <= tol
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert a.dtype == cols.dtype == w.dtype == compute and got_state.dtype == state_dtype
+    state_tol = 2.0**-8 if state_dtype == torch.bfloat16 else tol  # rounded to nearest
+    assert _rel(got_state, want_state) <= state_tol and _rel(a, want_a) <= tol
     assert _rel(cols, (x * x).mean(dim=-2, keepdim=True)) <= tol
     assert _rel(w, ((want_a * x) ** 2).sum(dim=-2, keepdim=True)) <= tol
     assert sums[0] == pytest.approx((y * y).sum().item(), rel=tol)
@@ -1385,20 +1393,55 @@ def test_sq_stats_last_dims_matches_torch(shape, dtype, tol):
         assert found == pytest.approx(want, rel=tol)
 
 
+def test_sq_stats_last_dims_rounds_bfloat16_row_state_as_a_map_does():
+    """With stochastic rounding a bfloat16 row state gets the random bits the map of the
+    row rule would give it (the same seed, element by element), so the one-pass kernel and
+    the per-element path store the same bits. x's values make the row means exact in either
+    order of summation (small integers, 64 columns), so the rule sees the same inputs."""
+    from adamkit.algorithms.adafactor import AdafactorScalars, _ema_rsqrt
+    from adamkit.engines.reference import ReferenceEngine
+
+    s = AdafactorScalars(lr=0.01, one_minus_beta2=0.3, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
+                         weight_decay=0.0, step_size=math.nan, max_rsqrt=math.nan)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randint(-3, 4, (300, 64), generator=gen).to(torch.bfloat16)
+    state = (torch.rand(300, 1, generator=gen) * 3).to(torch.bfloat16)
+    results = []
+    for one_pass in (True, False):
+        engine = fused_cpu.FusedEngine(torch.bfloat16, seed=777, stochastic_bf16=True)
+        st = state.clone()
+        if one_pass:
+            a, _, w, _ = engine.sq_stats_last_dims(_ema_rsqrt, s, st, x, x)
+            assert w is not None
+        else:  # mean_sq_last_dims, then the rule as a map (fused, with the same seed)
+            a, _, w, _ = ReferenceEngine.sq_stats_last_dims(engine, _ema_rsqrt, s, st, x, x)
+            assert w is None
+        results.append((a, st))
+    (a, st), (a_map, st_map) = results
+    assert torch.equal(a, a_map)
+    assert torch.equal(st, st_map)
+    unrounded = state.float() * 0.7 + (x.float() ** 2).mean(dim=1, keepdim=True) * 0.3
+    nearest = unrounded.to(torch.bfloat16)
+    assert not torch.equal(st, nearest)  # rounded stochastically: some rows went the other way
+    assert _rel(st, unrounded) <= 2.0**-7
+
+
 def test_sq_stats_last_dims_leaves_other_tensors_to_the_reference_path():
-    """bfloat16 row state, bfloat16 x and small matrices (a conv kernel's 3x3) take the
-    reference engine's path: no column sums of (a x)^2, no sums, and the same a as it."""
+    """Small matrices (a conv kernel's 3x3) and a non-contiguous x take the reference
+    engine's path: no column sums of (a x)^2, no sums, and the same a as it."""
     from adamkit.algorithms.adafactor import AdafactorScalars, _ema_rsqrt
     from adamkit.engines.reference import ReferenceEngine
 
     s = AdafactorScalars(lr=0.01, one_minus_beta2=0.3, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
                          weight_decay=0.0, step_size=math.nan, max_rsqrt=math.nan)
     gen = torch.Generator().manual_seed(12)
-    cases = [((40, 50), torch.float32, torch.bfloat16), ((40, 50), torch.bfloat16,
-                                                          torch.bfloat16),
-             ((16, 8, 3, 3), torch.float32, torch.float32)]
+    cases = [((16, 8, 3, 3), torch.float32, torch.float32),
+             ((16, 8, 3, 3), torch.bfloat16, torch.bfloat16),
+             ((50, 40), torch.bfloat16, torch.float32)]
     for shape, dtype, state_dtype in cases:
         x = torch.randn(shape, generator=gen).to(dtype)
+        if shape == (50, 40):
+            x = torch.randn(shape[::-1], generator=gen).to(dtype).t()
         state = torch.rand(shape[:-1] + (1,), generator=gen).to(state_dtype)
         results = []
         for engine in (fused_cpu.FusedEngine(dtype), ReferenceEngine(dtype)):

@@ -9,6 +9,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from adamkit.bench import speed
 
@@ -133,6 +134,54 @@ def test_speed_command_prints_table_and_writes_json(tmp_path, capsys):
     assert (torch_fused["read_bytes_per_param"], torch_fused["written_bytes_per_param"]) == (16, 12)
 
 
+@pytest.mark.parametrize("name,state_dtype,read,written", [
+    ("adamw", None, 8.0, 6.0),  # p, g, m, v in bfloat16: torch's own bfloat16 AdamW
+    ("adamw", "float32", 12.0, 10.0),  # 2 + 2 + 4 + 4 read; 2 + 4 + 4 written
+    ("lion", None, 6.0, 4.0),
+])
+def test_traffic_of_bfloat16_parameters(name, state_dtype, read, written):
+    assert speed.traffic_per_param(name, state_dtype, dtype=torch.bfloat16) == (
+        pytest.approx(read), pytest.approx(written))
+
+
+def test_param_dtype_rows_use_their_own_baseline_and_state(tmp_path, capsys, monkeypatch):
+    """--param-dtype float32,bfloat16: rows of each dtype step parameters of that dtype next
+    to a torch fused AdamW on the same parameters; "float32" state on bfloat16 parameters is
+    state_dtype="float32", "bfloat16" state there is the default (the parameters' dtype)."""
+    created = []
+    original = speed.time_interleaved
+
+    def recording(opt, baseline, steps, warmup):
+        dtypes = {p.dtype for g in opt.param_groups for p in g["params"]}
+        base_dtypes = {p.dtype for g in baseline.param_groups for p in g["params"]}
+        created.append((type(opt).__name__, dtypes, base_dtypes,
+                        getattr(opt, "state_dtype", "torch")))
+        return original(opt, baseline, steps, warmup)
+
+    monkeypatch.setattr(speed, "time_interleaved", recording)
+    out = tmp_path / "speed.json"
+    assert speed.main(["--shapes", "uniform", "--scale", "0.001", "--steps", "1", "--warmup",
+                       "0", "--optimizers", "lion", "--param-dtype", "float32,bfloat16",
+                       "--state-dtype", "float32,bfloat16", "--json", str(out)]) == 0
+    f32, bf16 = {torch.float32}, {torch.bfloat16}
+    assert created == [("Lion", f32, f32, None), ("Lion", f32, f32, "bfloat16"),
+                       ("Lion", bf16, bf16, "float32"), ("Lion", bf16, bf16, None)]
+    rows = json.loads(out.read_text())["rows"]
+    seen = [(r["optimizer"], r["engine"], r["param_dtype"], r["state_dtype"],
+             r["state_bytes_per_param"], r["bytes_per_param"]) for r in rows]
+    assert seen == [
+        ("adamw", "fused (torch)", "float32", "float32", 8.0, 28.0),
+        ("lion", "fused", "float32", "float32", 4.0, 20.0),
+        ("lion", "fused", "float32", "bfloat16", 2.0, 16.0),
+        ("adamw", "fused (torch)", "bfloat16", "bfloat16", 4.0, 14.0),
+        ("lion", "fused", "bfloat16", "float32", 4.0, 14.0),
+        ("lion", "fused", "bfloat16", "bfloat16", 2.0, 10.0),
+    ]
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("optimizer"))
+    assert header.split()[:5] == ["optimizer", "impl", "engine", "params", "state"]
+
+
 def test_bad_arguments_are_rejected():
     parser = argparse.ArgumentParser()
     speed.add_arguments(parser)
@@ -144,6 +193,9 @@ def test_bad_arguments_are_rejected():
         parser.parse_args(["--scale", "0"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--on-nonfinite", "apply,ignore"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--param-dtype", "float16"])
+    assert parser.parse_args(["--param-dtype", "bfloat16"]).param_dtype == ["bfloat16"]
     assert parser.parse_args(["--on-nonfinite", "apply,skip"]).on_nonfinite == ["apply", "skip"]
     args = parser.parse_args(["--optimizers", "all"])
     assert "sparseadam" not in args.optimizers and "adamw" in args.optimizers

@@ -1018,7 +1018,7 @@ class _Cohort:
     of maps (same kernels and operand roles) last step: one vectorized run serves them all."""
 
     __slots__ = ("positions", "names", "dtype", "maximize", "params", "slots", "sizes",
-                 "seed_bases", "calls", "row_stats")
+                 "seed_bases", "calls", "row_stats", "stochastic_bf16")
 
 
 class _GroupLockstepPlan(_GroupPlan):
@@ -1113,6 +1113,7 @@ def _new_cohort(members: list, gi: int) -> _Cohort:
     cohort.names = first.names
     cohort.dtype = first.dtype
     cohort.maximize = first.maximize
+    cohort.stochastic_bf16 = first.settings[1]  # the optimizer's stochastic_rounding
     cohort.row_stats = None  # see _BlockEngine.sq_stats_last_dims
     cohort.params = [p for _, _, p, _ in members]
     cohort.slots = [plan.slots for _, _, _, plan in members]
@@ -1294,9 +1295,10 @@ class _BlockEngine:
                                  and batch.writes.isdisjoint(grads.tolist())):
             batch.flush()
         sums = fused_cpu.Pending()
-        batch.add_row_stats_block((fn, groups[0][0], type(s)._fields) + kinds,
-                                  _scalar_rows(s, self.rows), [grads, *address], tables,
-                                  writes, sums, self.keep)
+        stochastic = self.cohort.stochastic_bf16 and kinds[1] == "b16"
+        batch.add_row_stats_block((fn, groups[0][0], type(s)._fields) + kinds + (stochastic,),
+                                  _scalar_rows(s, self.rows), self.seeds, [grads, *address],
+                                  tables, writes, sums, self.keep)
         return (*scratch, sums)
 
     def _row_stats_tables(self, fn, state, x, y) -> tuple:

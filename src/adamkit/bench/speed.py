@@ -149,12 +149,13 @@ class CountingEngine(ReferenceEngine):
 
 
 def traffic_per_param(name: str, state_dtype: str | None, kwargs: dict | None = None,
-                      shape=(64, 4096)) -> tuple[float, float]:
-    """(bytes read, bytes written) per parameter by one step of ``name``, from its own
-    ``apply`` program."""
+                      shape=(64, 4096), dtype: torch.dtype = torch.float32
+                      ) -> tuple[float, float]:
+    """(bytes read, bytes written) per parameter by one step of ``name`` on ``dtype``
+    parameters, from its own ``apply`` program."""
     cls = OPTIMIZERS[name]
-    p = torch.zeros(shape, requires_grad=True)
-    p.grad = torch.ones(shape)
+    p = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    p.grad = torch.ones(shape, dtype=dtype)
     opt = cls([p], backend="reference", state_dtype=state_dtype, **(kwargs or {}))
     group = opt.param_groups[0]
     engine = CountingEngine(p.dtype)
@@ -276,6 +277,8 @@ class Row:
     samples_ms: list[float] = field(default_factory=list)
     #: torch fused AdamW's step times interleaved with this row's (the ratio's denominator)
     baseline_samples_ms: list[float] = field(default_factory=list)
+    #: the parameters' (and gradients') dtype: the baseline steps parameters of the same dtype
+    param_dtype: str = "float32"
 
 
 TORCH_EQUIVALENTS = {  # adamkit name -> (torch.optim class name, kwargs), foreach only
@@ -301,7 +304,8 @@ def default_optimizers() -> list[str]:
 
 
 def _row(name, implementation, engine, state_dtype, times, n_params,
-         traffic: tuple[float, float], base_times, state_nbytes, bandwidth: Bandwidth) -> Row:
+         traffic: tuple[float, float], base_times, state_nbytes, bandwidth: Bandwidth,
+         param_dtype: str = "float32") -> Row:
     median = statistics.median(times)
     baseline_s = statistics.median(base_times) if base_times else 0.0
     read, written = traffic
@@ -315,24 +319,56 @@ def _row(name, implementation, engine, state_dtype, times, n_params,
         floor_ms=floor_s * 1e3, pct_of_floor=100 * floor_s / median,
         ratio_to_torch_fused_adamw=median / baseline_s if baseline_s else math.nan,
         state_bytes_per_param=state_nbytes / n_params, samples_ms=[t * 1e3 for t in times],
-        baseline_samples_ms=[t * 1e3 for t in base_times],
+        baseline_samples_ms=[t * 1e3 for t in base_times], param_dtype=param_dtype,
     )
+
+
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _state_argument(state_dtype: str, param_dtype: str) -> str | None:
+    """The ``state_dtype`` argument a row's state label stands for: state in the parameters'
+    own dtype is the default (``None``, torch's behaviour), any other is asked for."""
+    return None if state_dtype == param_dtype else state_dtype
 
 
 def run_benchmark(args, out=print) -> dict:
     shapes = scaled(SHAPES[args.shapes](), args.scale)
-    params = make_parameters(shapes)
-    n_params = sum(p.numel() for p in params)
     copy_gbps = copy_bandwidth()
     bandwidth = memory_bandwidth()
     out(f"copy bandwidth: {copy_gbps:.1f} GB/s (torch copy_ of 256 MiB, read + write)")
     out(f"read bandwidth: {bandwidth.read_gbps:.1f} GB/s (faster of torch sum and dot, 256 MiB); "
         f"in-place write-back: {bandwidth.write_ns_per_byte:.3g} ns/byte (x.add_(y) beyond "
         f"reading its 8 bytes); floor = params x (B read / read GB/s + B written x write-back)")
-    out(f"parameters: {n_params / 1e6:.2f} M in {len(params)} tensors "
+    n_params = sum(math.prod(s) for s in shapes)
+    out(f"parameters: {n_params / 1e6:.2f} M in {len(shapes)} tensors "
         f"(--shapes {args.shapes} --scale {args.scale}); median of {args.steps} steps after "
         f"{args.warmup} warm-up steps; torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads; x fusedAdamW: ratio to torch.optim.AdamW(fused=True) stepped alternately")
+        f"threads; x fusedAdamW: ratio to torch.optim.AdamW(fused=True) stepped alternately "
+        f"on parameters of the row's dtype")
+    rows: list[Row] = []
+    for param_dtype in getattr(args, "param_dtype", ["float32"]):
+        rows += _benchmark_dtype(args, shapes, param_dtype, bandwidth, out)
+    out("")
+    out(format_table(rows))
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+                    "torch": torch.__version__},
+        "copy_gbps": copy_gbps, "read_gbps": bandwidth.read_gbps,
+        "write_ns_per_byte": bandwidth.write_ns_per_byte,
+        "shapes": args.shapes, "scale": args.scale,
+        "n_params": n_params, "n_tensors": len(shapes), "steps": args.steps,
+        "warmup": args.warmup, "rows": [asdict(r) for r in rows],
+    }
+
+
+def _benchmark_dtype(args, shapes, param_dtype: str, bandwidth: Bandwidth, out) -> list[Row]:
+    """The rows of one parameter dtype: torch's fused AdamW on these parameters first, then
+    every plan, each stepped alternately with a fresh torch fused AdamW."""
+    dtype = PARAM_DTYPES[param_dtype]
+    params = make_parameters(shapes, dtype)
+    n_params = sum(p.numel() for p in params)
     originals = [p.detach().clone() for p in params]
 
     def reset():
@@ -379,13 +415,16 @@ def run_benchmark(args, out=print) -> dict:
         if kind == "adamkit":
             state_dtype, mode = state_dtype
         kwargs = ADAMKIT_KWARGS.get(name, {})
-        # other libraries' rows count the algorithm's own traffic (their floor is the same)
-        traffic = traffic_per_param(name, state_dtype if kind == "adamkit" else None, kwargs)
+        # other libraries keep state in the parameters' dtype, as torch does; their rows count
+        # the algorithm's own traffic (their floor is the same)
+        traffic = traffic_per_param(
+            name, _state_argument(state_dtype, param_dtype) if kind == "adamkit" else None,
+            kwargs, dtype=dtype)
         if kind == "adamkit":
             def make(name=name, state_dtype=state_dtype, kwargs=kwargs, mode=mode):
                 return adamkit.create(name, params, backend=args.backend,
-                                      state_dtype=None if state_dtype == "float32"
-                                      else state_dtype, on_nonfinite=mode, **kwargs)
+                                      state_dtype=_state_argument(state_dtype, param_dtype),
+                                      on_nonfinite=mode, **kwargs)
             engine = args.backend
             if args.backend == "auto":
                 from adamkit.engines import fused_cpu
@@ -404,7 +443,7 @@ def run_benchmark(args, out=print) -> dict:
 
             def make(cls=cls, tkw=tkw, flag=flag):
                 return cls(params, **tkw, **flag)
-            label = ("torch", kind.split("-")[1], "float32")
+            label = ("torch", kind.split("-")[1], param_dtype)
         elif kind == "pytorch-optimizer":
             try:
                 import pytorch_optimizer
@@ -416,7 +455,7 @@ def run_benchmark(args, out=print) -> dict:
 
             def make(cls=cls):
                 return cls(params)
-            label = ("pytorch-optimizer", "torch ops", "float32")
+            label = ("pytorch-optimizer", "torch ops", param_dtype)
         else:  # bitsandbytes
             try:
                 import bitsandbytes as bnb
@@ -427,49 +466,42 @@ def run_benchmark(args, out=print) -> dict:
             def make(cls=cls):
                 return cls(params)
             label = ("bitsandbytes", "8-bit", "int8")
-            traffic = traffic_per_param(name, "int8", kwargs)
+            traffic = traffic_per_param(name, "int8", kwargs, dtype=dtype)
         try:
             times, base_times, state_nbytes = measure(
                 make, max(args.warmup, MIN_WARMUP.get(name, 0)))
         except Exception as error:  # a comparison library that cannot run here
-            out(f"  {label[0]} {name}: skipped ({type(error).__name__}: {error})")
+            out(f"  {label[0]} {name} ({param_dtype} parameters): skipped "
+                f"({type(error).__name__}: {error})")
             continue
         results.append((name, label, times, base_times, traffic, state_nbytes))
         baseline += base_times
     # the baseline's own row: all its step times, first alone and then interleaved; AdamW's
-    # traffic (16 bytes read, 12 written)
-    rows.append(_row("adamw", "torch", "fused (torch)", "float32", baseline, n_params,
-                     traffic_per_param("adamw", None), baseline, base_state, bandwidth))
+    # traffic on these parameters, state in their dtype (float32: 16 bytes read, 12 written)
+    rows.append(_row("adamw", "torch", "fused (torch)", param_dtype, baseline, n_params,
+                     traffic_per_param("adamw", None, dtype=dtype), baseline, base_state,
+                     bandwidth, param_dtype))
     for name, (impl, engine, sd), times, base_times, traffic, state_nbytes in results:
         rows.append(_row(name, impl, engine, sd, times, n_params, traffic, base_times,
-                         state_nbytes, bandwidth))
-    out("")
-    out(format_table(rows))
-    return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-                    "torch": torch.__version__},
-        "copy_gbps": copy_gbps, "read_gbps": bandwidth.read_gbps,
-        "write_ns_per_byte": bandwidth.write_ns_per_byte,
-        "shapes": args.shapes, "scale": args.scale,
-        "n_params": n_params, "n_tensors": len(params), "steps": args.steps,
-        "warmup": args.warmup, "rows": [asdict(r) for r in rows],
-    }
+                         state_nbytes, bandwidth, param_dtype))
+    del params, originals
+    gc.collect()
+    return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("optimizer", "impl", "engine", "state", "ms/step", "Mparam/s", "B/param",
+    header = ("optimizer", "impl", "engine", "params", "state", "ms/step", "Mparam/s", "B/param",
               "eff GB/s", "floor ms", "% floor", "x fusedAdamW", "state B/param")
     lines = [header]
     for r in rows:
-        lines.append((r.optimizer, r.implementation, r.engine, r.state_dtype,
+        lines.append((r.optimizer, r.implementation, r.engine, r.param_dtype, r.state_dtype,
                       f"{r.ms_per_step:.2f}", f"{r.mparams_per_s:.0f}", f"{r.bytes_per_param:.1f}",
                       f"{r.effective_gbps:.1f}", f"{r.floor_ms:.2f}", f"{r.pct_of_floor:.3g}",
                       f"{r.ratio_to_torch_fused_adamw:.2f}", f"{r.state_bytes_per_param:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = []
     for k, line in enumerate(lines):
-        text.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+        text.append("  ".join(c.ljust(w) if i < 5 else c.rjust(w)
                               for i, (c, w) in enumerate(zip(line, widths))))
         if k == 0:
             text.append("  ".join("-" * w for w in widths))
@@ -498,6 +530,16 @@ def _state_dtypes(text: str) -> list[str]:
         if v not in ("float32", "bfloat16", "int8"):
             raise argparse.ArgumentTypeError(
                 f"invalid state dtype {v!r}; valid: float32, bfloat16, int8")
+    return values
+
+
+def _param_dtypes(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in PARAM_DTYPES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(
+            f"invalid parameter dtype {', '.join(bad) or repr(text)}; valid: "
+            f"{', '.join(PARAM_DTYPES)}")
     return values
 
 
@@ -543,6 +585,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dtype", type=_state_dtypes, default=["float32"],
                         help="comma-separated state storage: float32, bfloat16, int8 "
                              "(default float32)")
+    parser.add_argument("--param-dtype", type=_param_dtypes, default=["float32"],
+                        help="comma-separated parameter (and gradient) dtypes: float32, "
+                             "bfloat16 (default float32); each gets its own rows and its own "
+                             "torch fused AdamW baseline on parameters of that dtype, and the "
+                             "state column names the storage (bfloat16 parameters with "
+                             "float32 state: state_dtype='float32')")
     parser.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
                         help="adamkit engine (default auto)")
     parser.add_argument("--on-nonfinite", type=_modes, default=["apply"],

@@ -561,7 +561,7 @@ _FLOAT_ARRAYS = ("f32", "f64", "b16")
 _POINTERS = {"f32": "_ptr_f32", "f64": "_ptr_f64", "b16": "_ptr_i16", "q8s": "_ptr_i8",
              "q8u": "_ptr_u8"}
 #: the formats of x, y and the row state that sq_stats_last_dims's kernel takes
-_ROW_STATS_KINDS = ("f32", "f64")
+_ROW_STATS_KINDS = ("f32", "f64", "b16")
 BLOCK = 256
 GROUP = 64  # blocks per parallel work item of the blockwise layout
 CHUNK = BLOCK * GROUP  # elements per parallel work item of the multi-tensor layouts
@@ -1183,15 +1183,18 @@ def kernel(x, row_means, col_means, batch):
 
 
 def _row_stats_source(rule_src: str, imports: Sequence[str], fields: Sequence[str], kind: str,
-                      state_kind: str) -> str:
+                      state_kind: str, stochastic: bool) -> str:
     """The kernel of :meth:`FusedEngine.sq_stats_last_dims` for a row rule, over many tensors
-    in one launch: ``kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts,
-    banded, found)``. Tensor t has scalars ``svs[t]``, x and y (``kind``, the compute dtype)
-    viewed as ``shapes[t] = (batch, n, m)`` at ``xs[t]`` and ``ys[t]``, its row state
-    (``state_kind``, batch * n) at ``states[t]``, and gets a (batch * n), the column means of
-    x**2 and the column sums of (a x)**2 (batch * m each) at ``a_at[t]``, ``col_at[t]`` and
-    ``w_at[t]``. Work item i (``items``: cumulative per tensor) writes ``found[i] = (sum of
-    y**2, max a over its rows whose mean is not 0, max a over the others)``.
+    in one launch: ``kernel(svs, seeds, xs, ys, states, a_at, col_at, w_at, shapes, items,
+    parts, banded, found)``. Tensor t has scalars ``svs[t]``, x and y (``kind``: f32, f64 or
+    b16, bfloat16 computed in float32) viewed as ``shapes[t] = (batch, n, m)`` at ``xs[t]``
+    and ``ys[t]``, its row state (``state_kind``, batch * n) at ``states[t]``, and gets a
+    (batch * n), the column means of x**2 and the column sums of (a x)**2 (batch * m each, in
+    the compute dtype) at ``a_at[t]``, ``col_at[t]`` and ``w_at[t]``. Work item i (``items``:
+    cumulative per tensor) writes ``found[i] = (sum of y**2, max a over its rows whose mean
+    is not 0, max a over the others)``. A bfloat16 row state is rounded to nearest-even, or
+    with ``stochastic`` as a map would round it: element i gets the random word
+    ``random32(0, seeds[t]) + i * 0x9E3779B9`` (the state is operand 0 of the row rule).
 
     Work items are bands of rows of about numba_ops.BAND elements (:func:`_row_stats_plan`).
     A row is read once from memory: its sum of x**2 (in the element dtype per run of
@@ -1205,7 +1208,18 @@ def _row_stats_source(rule_src: str, imports: Sequence[str], fields: Sequence[st
     second parallel loop. (Partial arrays for every matrix, added up by that loop, made the
     kernel 1.2 ms a step instead of 0.7 ms on GPT-2's shapes at --scale 0.005, most of it in
     the finishing loop.)"""
-    E = "np.float32" if kind == "f32" else "np.float64"
+    E = "np.float64" if kind == "f64" else "np.float32"
+    compute = "f64" if kind == "f64" else "f32"  # a, the column means and w
+
+    def load(kind_, element):
+        return f"_E(_bf16_decode({element}))" if kind_ == "b16" else element
+
+    if state_kind != "b16":
+        store = "st[ri] = r[0]"
+    elif stochastic:
+        store = "st[ri] = _bf16_encode_stochastic(r[0], _u32_add(bh, _u32_mul(ri, 0x9E3779B9)))"
+    else:
+        store = "st[ri] = _bf16_encode(r[0])"
     fields_src = ", ".join(f"sv[{i}]" for i in range(len(fields)))
     seg = "SUM_RUN * 64"
     body = f"""
@@ -1215,7 +1229,8 @@ from adamkit.engines.numba_ops import _bands
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, banded, found):
+def kernel(svs, seeds, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, banded,
+           found):
     cpart = np.empty(parts[-1], dtype=np.float64)
     wpart = np.empty(parts[-1], dtype=np.float64)
     for it in numba.prange(items[-1]):
@@ -1223,11 +1238,12 @@ def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, banded
         w = it - items[t]
         sv = svs[t]
         s = _S({fields_src})
+        bh = _random32(0, seeds[t])
         batch, n, m = shapes[t, 0], shapes[t, 1], shapes[t, 2]
         x = numba.carray({_POINTERS[kind]}(xs[t]), batch * n * m)
         y = numba.carray({_POINTERS[kind]}(ys[t]), batch * n * m)
         st = numba.carray({_POINTERS[state_kind]}(states[t]), batch * n)
-        a = numba.carray({_POINTERS[kind]}(a_at[t]), batch * n)
+        a = numba.carray({_POINTERS[compute]}(a_at[t]), batch * n)
         splits = _bands(n, m)
         band = (n + splits - 1) // splits
         b = w // splits
@@ -1248,17 +1264,17 @@ def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, banded
                 yacc = _E(0.0)
                 for k0 in range(k1, min(k1 + {seg}, m)):
                     k = np.uint64(k0)
-                    v = x[base + k]
+                    v = {load(kind, "x[base + k]")}
                     v = v * v
                     sacc = _add_reassoc(sacc, v)
                     run[k] += v
-                    u = y[base + k]
+                    u = {load(kind, "y[base + k]")}
                     yacc = _add_reassoc(yacc, u * u)
                 acc += np.float64(sacc)
                 ysum += np.float64(yacc)
             ri = np.uint64(b * n + j)
-            r = _as_tuple(rule(s, _E(st[ri]), _E(acc / m)))
-            st[ri] = r[0]
+            r = _as_tuple(rule(s, _E({load(state_kind, "st[ri]")}), _E(acc / m)))
+            {store}
             ai = _E(r[1])
             a[ri] = ai
             if acc != 0.0:  # NaN counts as not 0: its (a x)**2 are NaN
@@ -1266,7 +1282,7 @@ def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, banded
                     amax = ai
                 for k0 in range(m):
                     k = np.uint64(k0)
-                    u = x[base + k] * ai
+                    u = {load(kind, "x[base + k]")} * ai
                     wrun[k] += u * u
             elif ai > azero:
                 azero = ai
@@ -1296,8 +1312,8 @@ def kernel(svs, xs, ys, states, a_at, col_at, w_at, shapes, items, parts, banded
 def _store_columns(csum, wsum, b, n, m, col_at, w_at):
     # matrix b's column means of x**2 and sums of (a x)**2 (functions, not inline: Numba
     # drops a parallel loop whose only effect is a store through a raw pointer)
-    cols = numba.carray({_POINTERS[kind]}(col_at), (b + 1) * m)
-    ws = numba.carray({_POINTERS[kind]}(w_at), (b + 1) * m)
+    cols = numba.carray({_POINTERS[compute]}(col_at), (b + 1) * m)
+    ws = numba.carray({_POINTERS[compute]}(w_at), (b + 1) * m)
     for k in range(m):
         cols[b * m + k] = csum[k] / n
         ws[b * m + k] = wsum[k]
@@ -1339,8 +1355,8 @@ def _row_stats_plan(shapes) -> tuple:
 
 
 def _row_stats_kernel(fn: Callable, outcomes: tuple, fields: tuple, kind: str,
-                      state_kind: str) -> Callable:
-    key = ("row_stats", fn, outcomes, fields, kind, state_kind)
+                      state_kind: str, stochastic: bool) -> Callable:
+    key = ("row_stats", fn, outcomes, fields, kind, state_kind, stochastic)
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
@@ -1349,7 +1365,7 @@ def _row_stats_kernel(fn: Callable, outcomes: tuple, fields: tuple, kind: str,
         if kernel is None:
             program = _rule_program(fn)
             source = _row_stats_source(program.source(outcomes), program.imports, fields, kind,
-                                       state_kind)
+                                       state_kind, stochastic)
             kernel = _KERNELS[key] = _load_module(
                 f"# row rule: {fn.__module__}.{fn.__qualname__}\n" + source,
                 program.module_sources).kernel
@@ -1364,17 +1380,18 @@ def row_stats_tables(shapes) -> tuple:
     return (np.array(shapes, dtype=np.int64).reshape(-1, 3), *_row_stats_plan(shapes))
 
 
-def run_row_stats(key: tuple, svs, address: Sequence, tables: tuple):
+def run_row_stats(key: tuple, svs, seeds, address: Sequence, tables: tuple):
     """One launch of the row-statistics kernel ``key`` (see :func:`_row_stats`) over tensors
-    with scalars ``svs`` (one row each), the address columns of x, y, state, a, cols and w,
-    and ``tables`` from :func:`row_stats_tables`; returns a (tensors, 3) array: sum of y**2,
-    max a over rows with a nonzero mean, max a over the others."""
+    with scalars ``svs`` (one row each), stochastic-rounding ``seeds`` (int64, one each), the
+    address columns of x, y, state, a, cols and w, and ``tables`` from
+    :func:`row_stats_tables`; returns a (tensors, 3) array: sum of y**2, max a over rows with
+    a nonzero mean, max a over the others."""
     import numpy as np
 
     kernel = _row_stats_kernel(*key)
     shapes, items, parts, banded = tables
     found = np.empty((int(items[-1]), 3), dtype=np.float64)
-    args = (svs, *address, shapes, items, parts, banded, found)
+    args = (svs, seeds, *address, shapes, items, parts, banded, found)
     if _serialize_calls():
         with _lock:
             kernel(*args)
@@ -1387,9 +1404,10 @@ def run_row_stats(key: tuple, svs, address: Sequence, tables: tuple):
 
 
 def _row_stats(queued: dict) -> None:
-    """Run the row statistics queued under each ``(fn, outcomes, fields, kind, state_kind)``
-    as ``(values, x, y, state, a, cols, w, pending)``: one launch per key; each ``pending``
-    gets ``[sum of y**2, max a over rows with a nonzero mean, max a over the others]``."""
+    """Run the row statistics queued under each ``(fn, outcomes, fields, kind, state_kind,
+    stochastic)`` as ``(values, x, y, state, a, cols, w, pending, seed)``: one launch per key;
+    each ``pending`` gets ``[sum of y**2, max a over rows with a nonzero mean, max a over the
+    others]``."""
     import numpy as np
 
     for key, entries in queued.items():
@@ -1398,7 +1416,8 @@ def _row_stats(queued: dict) -> None:
         svs = np.array([e[0] for e in entries], dtype=np.float64).reshape(len(entries), -1)
         address = [np.array([t.data_ptr() for t in column], dtype=np.uint64)
                    for column in list(zip(*entries))[1:7]]
-        stats = run_row_stats(key, svs, address, tables)
+        seeds = np.array([e[8] for e in entries], dtype=np.int64)
+        stats = run_row_stats(key, svs, seeds, address, tables)
         for entry, values in zip(entries, stats.tolist()):
             entry[7].value = values
 
@@ -1632,13 +1651,13 @@ class KernelBatch:
         self._stats.setdefault(key, []).append(entry)
         self.writes.update(t.data_ptr() for t in entry[3:7])
 
-    def add_row_stats_block(self, key: tuple, svs, address: Sequence, tables: tuple,
+    def add_row_stats_block(self, key: tuple, svs, seeds, address: Sequence, tables: tuple,
                             writes: Sequence[int], sums: "Pending", keep) -> None:
         """Queue one launch of :func:`run_row_stats` with ready-made tables (a vectorized
         run's, for all the tensors of a cohort); at ``flush()`` ``sums.value`` becomes its
         three statistics, one array each with one value per tensor. ``writes``: the addresses
         it stores to (row state, a, cols, w)."""
-        self._stat_blocks.append((key, svs, address, tables, sums, keep))
+        self._stat_blocks.append((key, svs, seeds, address, tables, sums, keep))
         self.writes.update(writes)
 
     def add(self, spec: tuple, values: tuple, n: int, seed: int, operands: list, keep,
@@ -1729,8 +1748,8 @@ class KernelBatch:
             _sq_means(means)
         if stats:
             _row_stats(stats)
-        for key, svs, address, tables, sums, _ in stat_blocks:
-            found = run_row_stats(key, svs, address, tables)
+        for key, svs, seeds, address, tables, sums, _ in stat_blocks:
+            found = run_row_stats(key, svs, seeds, address, tables)
             sums.value = [found[:, 0], found[:, 1], found[:, 2]]
         for spec in list(groups) + [spec for spec in blocks if spec not in groups]:
             (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
@@ -2118,9 +2137,9 @@ class FusedEngine:
 
     def sq_stats_last_dims(self, fn: Callable, s, state: Tensor, x: Tensor, y: Tensor):
         """The reference engine's ``sq_stats_last_dims`` in one pass over ``x`` and ``y``
-        (:func:`_row_stats_source`), for contiguous float32 or float64 x and y of the compute
-        dtype over matrices of more than SMALL_BCAST elements, and a float32 or float64 row
-        state: returns ``(a, cols, w, sums)`` with ``w`` the column sums of (a x)**2 and
+        (:func:`_row_stats_source`), for contiguous float32, float64 or bfloat16 x and y of
+        the parameters' dtype over matrices of more than SMALL_BCAST elements, and a float32,
+        float64 or bfloat16 row state (rounded as a map rounds it): returns ``(a, cols, w, sums)`` with ``w`` the column sums of (a x)**2 and
         ``sums`` (a :class:`Pending` when batched) ``[sum of y**2, max a over rows whose mean
         is not 0, max a over the others]``. Anything else takes the reference engine's path
         (``mean_sq_last_dims``, then ``fn`` as a map), which gives ``w`` and ``sums`` as None."""
@@ -2128,7 +2147,7 @@ class FusedEngine:
             return ReferenceEngine.sq_stats_last_dims(self, fn, s, state, x, y)
         self._after_queued_writes((x, y, state))
         key = (fn, rule_outcomes(fn, s, self.dtype), type(s)._fields, _KINDS[x.dtype],
-               _KINDS[state.dtype])
+               _KINDS[state.dtype], self.stochastic_bf16 and state.dtype is torch.bfloat16)
         return self.queue_row_stats(key, tuple(float(v) for v in s), state, x, y)
 
     def queue_row_stats(self, key: tuple, values, state: Tensor, x: Tensor, y: Tensor):
@@ -2141,7 +2160,7 @@ class FusedEngine:
         both = torch.empty((2,) + lead + (1, m), dtype=self.dtype)
         cols, w = both[0], both[1]
         sums = Pending()
-        entry = (values, x, y, state, a, cols, w, sums)
+        entry = (values, x, y, state, a, cols, w, sums, self.seed)
         if self.batch is not None:
             self.batch.add_row_stats(key, entry)
             return a, cols, w, sums
@@ -2150,7 +2169,7 @@ class FusedEngine:
 
     def makes_row_stats(self, state, x: Tensor, y: Tensor) -> bool:
         """Whether :meth:`sq_stats_last_dims` takes its one-pass kernel for these tensors."""
-        return (x.dtype is self.dtype and y.dtype is x.dtype and x.dim() >= 2
+        return (x.dtype is self.param_dtype and y.dtype is x.dtype and x.dim() >= 2
                 and _KINDS.get(x.dtype) in _ROW_STATS_KINDS and isinstance(state, Tensor)
                 and _KINDS.get(state.dtype) in _ROW_STATS_KINDS
                 and x.shape[-2] * x.shape[-1] > SMALL_BCAST and x.numel() > 0
