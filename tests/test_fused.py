@@ -1388,9 +1388,12 @@ def test_sq_stats_last_dims_matches_torch(shape, dtype, state_dtype, tol):
     assert _rel(cols, (x * x).mean(dim=-2, keepdim=True)) <= tol
     assert _rel(w, ((want_a * x) ** 2).sum(dim=-2, keepdim=True)) <= tol
     assert sums[0] == pytest.approx((y * y).sum().item(), rel=tol)
-    for found, rows_of in zip(sums[1:], (~zero, zero)):  # 0 where there are no such rows
+    for found, rows_of in zip(sums[1:3], (~zero, zero)):  # 0 where there are no such rows
         want = want_a[rows_of].max().item() if rows_of.any() else 0.0
         assert found == pytest.approx(want, rel=tol)
+    assert sums[3] == pytest.approx((x * x).sum().item(), rel=tol)
+    want_min = want_a[~zero].min().item() if (~zero).any() else math.inf
+    assert sums[4] == pytest.approx(want_min, rel=tol)
 
 
 def test_sq_stats_last_dims_rounds_bfloat16_row_state_as_a_map_does():
@@ -1472,7 +1475,8 @@ def _adafactor_redo_flags(monkeypatch) -> list:
 @pytest.mark.parametrize("case,redo", [
     ("plain", False),
     ("zero rows", False),  # rows of g that are all zero add nothing, whatever their a
-    ("clamped", True),  # eps1 = 0.1: 1/sqrt(V) is clamped at 10 for many elements
+    ("clamped", False),  # eps1 = 0.1: 1/sqrt(V) ~ 100 is clamped at 10 everywhere: g^2 / eps1^2
+    ("partly clamped", True),  # eps1 = 0.01 and rows of g from 0.1x to 10x: some clamped
     ("eps1 0, zero rows", True),  # 0 * inf in U: NaN, as the reference gives
     ("nan gradient", True),
 ])
@@ -1481,9 +1485,11 @@ def _adafactor_redo_flags(monkeypatch) -> list:
 def test_adafactor_one_pass_sum_matches_per_element_pass(monkeypatch, case, redo, dtype, tol):
     """The fused engine's sum(U^2) from column sums (sum_j b_j^2 W_j) gives the reference's
     step for 10 steps, and falls back to the per-element pass exactly where that sum would
-    differ (the clamp at 1/eps1, NaN): NaN in the same places, the rest within tol."""
+    differ (the clamp at 1/eps1 on some elements, NaN): NaN in the same places, the rest
+    within tol. Where the clamp acts on every element the sum is sum(g^2) / eps1^2."""
     shapes = [(70, 90), (3, 40, 50), (300, 257), (100,)]
-    eps = {"clamped": (0.1, 1e-3), "eps1 0, zero rows": (0.0, 1e-3)}.get(case, (None, 1e-3))
+    eps = {"clamped": (0.1, 1e-3), "partly clamped": (0.01, 1e-3),
+           "eps1 0, zero rows": (0.0, 1e-3)}.get(case, (None, 1e-3))
     seen = _adafactor_redo_flags(monkeypatch)
     results = []
     for backend in ("reference", "fused"):
@@ -1497,6 +1503,10 @@ def test_adafactor_one_pass_sum_matches_per_element_pass(monkeypatch, case, redo
                           * 1e-2).to(dtype)  # 1/sqrt(V) ~ 100: over 1/eps1 = 10 when clamped
                 if "zero rows" in case and p.dim() > 1:
                     p.grad[..., 1::4, :] = 0.0
+                if case == "clamped" and step >= 8:  # RMS(U) over d: the sum matters
+                    p.grad *= 15
+                if case == "partly clamped" and p.dim() > 1:
+                    p.grad *= torch.logspace(-1, 1, p.shape[-2], dtype=dtype)[:, None]
                 if case == "nan gradient" and step == 7 and p.dim() > 1:
                     p.grad[..., 2, 3] = math.nan
             opt.step()

@@ -1347,11 +1347,18 @@ class _BlockEngine:
             grads = self.grads
             columns = [x if x is None or isinstance(x, (int, float, np.ndarray))
                        else self._tensors(x) for x in ins]
+            # one launch for the tensors that need it (maps of the same kernel batch together)
+            batch = fused_cpu.KernelBatch()
+            found = []
             for i in np.flatnonzero(where).tolist():
                 row = [x[i] if isinstance(x, (list, np.ndarray)) else x for x in columns]
                 engine = fused_cpu.FusedEngine(
-                    self.cohort.dtype, negate=grads[i] if self.cohort.maximize else None)
-                sums[:, i] = engine.map(fn, self._row_scalars(s, i), row, [], n_sums)
+                    self.cohort.dtype, negate=grads[i] if self.cohort.maximize else None,
+                    batch=batch, batch_sums=True)
+                found.append((i, engine.map(fn, self._row_scalars(s, i), row, [], n_sums)))
+            batch.flush()
+            for i, value in found:
+                sums[:, i] = value.value if isinstance(value, fused_cpu.Pending) else value
         return list(sums)
 
     def map(self, fn, s, ins, outs, n_sums: int = 0):

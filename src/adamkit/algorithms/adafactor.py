@@ -56,12 +56,21 @@ def _update_sq(s: AdafactorScalars, p, g, a, b):
     return u * u, p * p
 
 
-def _factored_update_sq(s: AdafactorScalars, b, w, a_max):
+def _scaled_update_sq(s: AdafactorScalars, g, a, b):
+    # sum(U^2) alone, where sum(p^2) is known
+    u = _scaled_update(s, g, a, b)
+    return u * u
+
+
+def _factored_update_sq(s: AdafactorScalars, b, w, a_max, a_min):
     # sum(U^2) per column from W_j = sum_i (a_i g_ij)^2 (made in the pass over g): b_j^2 W_j.
     # Exact unless a nonzero g_ij has a_i b_j > 1/eps1 (the clamp of _scaled_update): the
     # second sum counts the columns where that can happen (b_j max(a) > 1/eps1, max over
-    # the rows whose g is not all 0; NaN counts too).
-    return b * b * w, sign(w) * maximum(sign(b * a_max - s.max_rsqrt), 0.0)
+    # the rows whose g is not all 0; NaN counts too). Where instead every nonzero g_ij is
+    # clamped (no column has b_j min(a) < 1/eps1, the third sum; a_i b_j rounds monotonically
+    # in a_i), U = g / eps1 and sum(U^2) = sum(g^2) / eps1^2.
+    return (b * b * w, sign(w) * maximum(sign(b * a_max - s.max_rsqrt), 0.0),
+            sign(w) * maximum(sign(s.max_rsqrt - b * a_min), 0.0))
 
 
 def _choose(flag, yes, no):
@@ -219,16 +228,19 @@ class Adafactor(Optimizer):
         if w is None:
             u_sq, p_sq = yield engine.map(_update_sq, s, [p, g, a, b], [], n_sums=2)
         else:
-            # sum(U^2) = sum_j b_j^2 w_j: a pass over columns instead of over g and p. Where
-            # the clamp may act, the sum is not finite, or an all-zero row of g has a = inf
-            # with 1/eps1 = inf (0 * inf: NaN, as the per-element pass gives), the
-            # per-element pass runs for that tensor.
-            p_sq, a_max, a_zero = stats
-            u_sq, clamped = yield engine.map(_factored_update_sq, s, [b, w, a_max], [],
-                                             n_sums=2)
-            redo = (np.not_equal(clamped, 0) | ~np.isfinite(u_sq)
-                    | (np.isinf(a_zero) & (s.max_rsqrt == math.inf)))
-            exact, _ = engine.sums_where(redo, _update_sq, s, [p, g, a, b], 2)
+            # sum(U^2) = sum_j b_j^2 w_j: a pass over columns instead of over g and p, or
+            # sum(g^2) / eps1^2 where the clamp acts on every element (bfloat16 parameters'
+            # eps1 = 2^-7 with gradients under about 0.01). Where the clamp acts on some
+            # elements only, the sum is not finite, or an all-zero row of g has a = inf with
+            # 1/eps1 = inf (0 * inf: NaN, as the per-element pass gives), the per-element
+            # pass over g runs for that tensor.
+            p_sq, a_max, a_zero, g_sq, a_min = stats
+            u_sq, clamped, unclamped = yield engine.map(
+                _factored_update_sq, s, [b, w, a_max, a_min], [], n_sums=3)
+            u_sq = _choose(np.equal(clamped, 0), u_sq, g_sq * s.max_rsqrt**2)
+            redo = ((np.not_equal(clamped, 0) & np.not_equal(unclamped, 0))
+                    | ~np.isfinite(u_sq) | (np.isinf(a_zero) & (s.max_rsqrt == math.inf)))
+            (exact,) = engine.sums_where(redo, _scaled_update_sq, s, [g, a, b], 1)
             u_sq = _choose(redo, exact, u_sq)
         s = s._replace(step_size=_step_size(s, u_sq, p_sq, n))
         engine.map(_apply_update, s, [p, g, a, b], [p])

@@ -1192,7 +1192,8 @@ def _row_stats_source(rule_src: str, imports: Sequence[str], fields: Sequence[st
     (batch * n), the column means of x**2 and the column sums of (a x)**2 (batch * m each, in
     the compute dtype) at ``a_at[t]``, ``col_at[t]`` and ``w_at[t]``. Work item i (``items``:
     cumulative per tensor) writes ``found[i] = (sum of y**2, max a over its rows whose mean
-    is not 0, max a over the others)``. A bfloat16 row state is rounded to nearest-even, or
+    is not 0, max a over the others, sum of x**2, min a over the rows whose mean is not 0)``
+    (inf where there are none). A bfloat16 row state is rounded to nearest-even, or
     with ``stochastic`` as a map would round it: element i gets the random word
     ``random32(0, seeds[t]) + i * 0x9E3779B9`` (the state is operand 0 of the row rule).
 
@@ -1254,8 +1255,10 @@ def kernel(svs, seeds, xs, ys, states, a_at, col_at, w_at, shapes, items, parts,
         csum = np.zeros(m, np.float64)
         wsum = np.zeros(m, np.float64)
         ysum = 0.0
+        xsum = 0.0
         amax = _E(0.0)
         azero = _E(0.0)
+        amin = _E(np.inf)
         for j in range(r0, r1):
             base = np.uint64((b * n + j) * m)
             acc = 0.0
@@ -1272,6 +1275,7 @@ def kernel(svs, seeds, xs, ys, states, a_at, col_at, w_at, shapes, items, parts,
                     yacc = _add_reassoc(yacc, u * u)
                 acc += np.float64(sacc)
                 ysum += np.float64(yacc)
+            xsum += acc
             ri = np.uint64(b * n + j)
             r = _as_tuple(rule(s, _E({load(state_kind, "st[ri]")}), _E(acc / m)))
             {store}
@@ -1280,6 +1284,8 @@ def kernel(svs, seeds, xs, ys, states, a_at, col_at, w_at, shapes, items, parts,
             if acc != 0.0:  # NaN counts as not 0: its (a x)**2 are NaN
                 if ai > amax:
                     amax = ai
+                if ai < amin:
+                    amin = ai
                 for k0 in range(m):
                     k = np.uint64(k0)
                     u = {load(kind, "x[base + k]")} * ai
@@ -1301,6 +1307,8 @@ def kernel(svs, seeds, xs, ys, states, a_at, col_at, w_at, shapes, items, parts,
         found[it, 0] = ysum
         found[it, 1] = amax
         found[it, 2] = azero
+        found[it, 3] = xsum
+        found[it, 4] = amin
     for q in numba.prange(len(banded)):
         t = banded[q]
         _finish_columns(cpart, wpart, parts[t], shapes[t, 0], shapes[t, 1], shapes[t, 2],
@@ -1384,13 +1392,14 @@ def run_row_stats(key: tuple, svs, seeds, address: Sequence, tables: tuple):
     """One launch of the row-statistics kernel ``key`` (see :func:`_row_stats`) over tensors
     with scalars ``svs`` (one row each), stochastic-rounding ``seeds`` (int64, one each), the
     address columns of x, y, state, a, cols and w, and ``tables`` from
-    :func:`row_stats_tables`; returns a (tensors, 3) array: sum of y**2, max a over rows with
-    a nonzero mean, max a over the others."""
+    :func:`row_stats_tables`; returns a (tensors, 5) array: sum of y**2, max a over rows with
+    a nonzero mean, max a over the others, sum of x**2, min a over rows with a nonzero
+    mean."""
     import numpy as np
 
     kernel = _row_stats_kernel(*key)
     shapes, items, parts, banded = tables
-    found = np.empty((int(items[-1]), 3), dtype=np.float64)
+    found = np.empty((int(items[-1]), 5), dtype=np.float64)
     args = (svs, seeds, *address, shapes, items, parts, banded, found)
     if _serialize_calls():
         with _lock:
@@ -1400,14 +1409,15 @@ def run_row_stats(key: tuple, svs, seeds, address: Sequence, tables: tuple):
     first = items[:-1]
     return np.stack([np.add.reduceat(found[:, 0], first),
                      np.maximum.reduceat(found[:, 1], first),
-                     np.maximum.reduceat(found[:, 2], first)], axis=1)
+                     np.maximum.reduceat(found[:, 2], first),
+                     np.add.reduceat(found[:, 3], first),
+                     np.minimum.reduceat(found[:, 4], first)], axis=1)
 
 
 def _row_stats(queued: dict) -> None:
     """Run the row statistics queued under each ``(fn, outcomes, fields, kind, state_kind,
     stochastic)`` as ``(values, x, y, state, a, cols, w, pending, seed)``: one launch per key;
-    each ``pending`` gets ``[sum of y**2, max a over rows with a nonzero mean, max a over the
-    others]``."""
+    each ``pending`` gets the five statistics of :func:`run_row_stats`."""
     import numpy as np
 
     for key, entries in queued.items():
@@ -1655,7 +1665,7 @@ class KernelBatch:
                             writes: Sequence[int], sums: "Pending", keep) -> None:
         """Queue one launch of :func:`run_row_stats` with ready-made tables (a vectorized
         run's, for all the tensors of a cohort); at ``flush()`` ``sums.value`` becomes its
-        three statistics, one array each with one value per tensor. ``writes``: the addresses
+        five statistics, one array each with one value per tensor. ``writes``: the addresses
         it stores to (row state, a, cols, w)."""
         self._stat_blocks.append((key, svs, seeds, address, tables, sums, keep))
         self.writes.update(writes)
@@ -1750,7 +1760,7 @@ class KernelBatch:
             _row_stats(stats)
         for key, svs, seeds, address, tables, sums, _ in stat_blocks:
             found = run_row_stats(key, svs, seeds, address, tables)
-            sums.value = [found[:, 0], found[:, 1], found[:, 2]]
+            sums.value = [found[:, k] for k in range(5)]
         for spec in list(groups) + [spec for spec in blocks if spec not in groups]:
             (fn, kinds, stores, n_results, dtype, layout, fields, sr_b16, sr_q8, negated,
              n_sums, outcomes) = spec
@@ -2139,9 +2149,9 @@ class FusedEngine:
         """The reference engine's ``sq_stats_last_dims`` in one pass over ``x`` and ``y``
         (:func:`_row_stats_source`), for contiguous float32, float64 or bfloat16 x and y of
         the parameters' dtype over matrices of more than SMALL_BCAST elements, and a float32,
-        float64 or bfloat16 row state (rounded as a map rounds it): returns ``(a, cols, w, sums)`` with ``w`` the column sums of (a x)**2 and
-        ``sums`` (a :class:`Pending` when batched) ``[sum of y**2, max a over rows whose mean
-        is not 0, max a over the others]``. Anything else takes the reference engine's path
+        float64 or bfloat16 row state (rounded as a map rounds it): returns ``(a, cols, w,
+        sums)`` with ``w`` the column sums of (a x)**2 and ``sums`` (a :class:`Pending` when
+        batched) the five statistics of :func:`run_row_stats`. Anything else takes the reference engine's path
         (``mean_sq_last_dims``, then ``fn`` as a map), which gives ``w`` and ``sums`` as None."""
         if not self.makes_row_stats(state, x, y):
             return ReferenceEngine.sq_stats_last_dims(self, fn, s, state, x, y)
