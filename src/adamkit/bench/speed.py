@@ -1,7 +1,7 @@
 """``adamkit speed``: time each optimizer's step on a realistic parameter set.
 
 Builds the tensor shapes of a real model (``--shapes gpt2`` for GPT-2 small, ``resnet18``, or
-``uniform``), shrunk by ``--scale``, gives every tensor a random float32 gradient, and times
+``uniform``), shrunk by ``--scale``, gives every tensor a random gradient, and times
 ``optimizer.step()``: the median of ``--steps`` steps after ``--warmup`` untimed ones. Printed
 (and written with ``--json FILE``): the machine's copy bandwidth, its read bandwidth and the
 cost of an in-place write-back first (see :func:`memory_bandwidth`), then one row per
@@ -25,6 +25,10 @@ optimizer, engine and state dtype with
   so that a machine whose speed drifts during the run does not bias it;
 * state B/param: bytes of optimizer state per parameter (float32 Adam: 8).
 
+``--param-dtype float32,bfloat16`` repeats the whole table for parameters (and gradients) of
+each dtype, each against torch's fused AdamW on parameters of that dtype (whose state is then
+bfloat16 too); the ``params`` column names it, and the ``state`` column the storage: on
+bfloat16 parameters, ``float32`` is ``state_dtype="float32"`` and ``bfloat16`` the default.
 ``--on-nonfinite apply,skip`` times each adamkit optimizer with each mode (the engine column
 says ``+skip``), which shows what the NaN/Inf check of ``on_nonfinite="skip"`` costs.
 ``--compare`` adds torch.optim's foreach (and fused) implementations of the same algorithms and,
