@@ -155,12 +155,14 @@ def test_fused_matches_reference(name, kwargs, dtype, tol, count_fused):
                 assert state[key] == value, key
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                       (torch.bfloat16, 2.0**-7)],
+                         ids=["float64", "float32", "bfloat16"])
 def test_adafactor_conv_shapes_match_reference(dtype, tol):
     """Adafactor factors the last two dims: on conv kernels those are 3x3 or 1x1, batches of
     tiny matrices (the small-matrix sums and short-row broadcast kernels; 128x128x3x3 is
-    above SERIAL_BELOW, so it also runs on the thread pool)."""
+    above SERIAL_BELOW, so it also runs on the thread pool). bfloat16: the same float32
+    arithmetic, rounded to nearest on both engines (at most a last-bit difference)."""
     shapes = [(128, 128, 3, 3), (16, 8, 3, 3), (64, 32, 1, 1), (7, 5, 2, 3), (3, 70, 60)]
     assert math.prod(shapes[0]) >= fused_cpu.SERIAL_BELOW
     results = []
@@ -183,11 +185,13 @@ def test_adafactor_conv_shapes_match_reference(dtype, tol):
 @pytest.mark.parametrize("shape", [(3, 3), (4096, 3, 3), (2, 1, 1), (300, 2, 5), (4, 7),
                                    (5000, 7), (2, 300, 200), (1, 70000), (50, 9, 11),
                                    (2, 1100, 1001)])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6),
+                                       (torch.bfloat16, 1e-6)],
+                         ids=["float64", "float32", "bfloat16"])
 def test_mean_sq_last_dims_matches_reference(shape, dtype, tol):
     """Row and column means of g^2, small matrices (summed whole) and large ones (row bands,
-    element-dtype runs; 1100 x 1001 is two bands), against torch in float64."""
+    element-dtype runs; 1100 x 1001 is two bands), against torch in float64. bfloat16 is
+    computed in float32: its small matrices by the same kernels, decoding as they read."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     rows, cols = fused_cpu.FusedEngine(dtype).mean_sq_last_dims(x.to(dtype))
     sq = x.to(dtype).double() ** 2
@@ -201,7 +205,8 @@ def test_mean_rows_equals_torch_mean_bit_for_bit(dtype):
     """engine.mean_rows (Adafactor's mean of a row factor over its rows) of both engines is
     torch's ``mean(dim=-2, keepdim=True)`` bit for bit: a conv kernel's 3 rows (one Numba pass
     in the fused engine, on the calling thread and on the pool), 1 and 2 rows, longer rows and
-    a single matrix (torch's mean), and bfloat16 (torch), with values over 12 decades."""
+    a single matrix (torch's mean), and bfloat16 (summed in float32 and rounded to nearest in
+    the fused engine's pass), with values over 12 decades."""
     from adamkit.engines.reference import ReferenceEngine
 
     gen = torch.Generator().manual_seed(9)

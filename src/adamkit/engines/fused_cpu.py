@@ -1084,10 +1084,12 @@ def _shuffle_matrices(rows: int, cols: int) -> int:
     return max(1, min(SHUFFLE_MATRICES, SHUFFLE_WINDOW // (rows * cols)))
 
 
-def _sq_means_small_kernel(rows: int, cols: int, parallel: bool) -> Callable:
+def _sq_means_small_kernel(rows: int, cols: int, parallel: bool,
+                           bfloat16: bool = False) -> Callable:
     """A kernel for the row and column means of x**2 over small (rows, cols) matrices (a conv
     kernel's 3x3), with their sizes compiled in: ``kernel(x, row_means, col_means, batch)``.
     Sums are taken in float64 in the order of numba_ops.sq_means_many's whole matrices.
+    ``bfloat16``: x holds bfloat16 bits (int16), decoded exactly to float32 as read.
 
     ``L`` matrices at a time are split by shuffled copies into one contiguous run per column
     (the elements of every row at that column) and one per row, and the means are then loops
@@ -1096,7 +1098,7 @@ def _sq_means_small_kernel(rows: int, cols: int, parallel: bool) -> Callable:
     lanes): float32 means keep their bits but where the float64 quotient lies within one
     of its ulps of a float32 rounding boundary, float64 means are within 1 ulp. On 512x512x3x3
     float32 (standalone, cache-warm) 0.9 ms instead of 2.3 ms with the element loop only."""
-    key = ("sq_means_small", rows, cols, parallel)
+    key = ("sq_means_small", rows, cols, parallel, bfloat16)
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
@@ -1117,8 +1119,11 @@ def _sq_means_small_kernel(rows: int, cols: int, parallel: bool) -> Callable:
         + [f"            _r{j}(x, src, tr, np.uint64({j * per * cols} + sh * {L * cols}))"
            for j in range(rows)])
 
+    def load(element: str) -> str:
+        return f"np.float64(_bf16_decode({element}))" if bfloat16 else f"np.float64({element})"
+
     def total(run: str, count: int, length: int) -> str:
-        terms = [f"np.float64({run}[np.uint64({i * length}) + q])" for i in range(count)]
+        terms = [load(f"{run}[np.uint64({i * length}) + q]") for i in range(count)]
         # ((0.0 + x0 * x0) + x1 * x1) + ...: the element loop's order
         return "(" * (count - 1) + "0.0 + " + ") + ".join(f"{t} * {t}" for t in terms)
 
@@ -1128,6 +1133,7 @@ def _sq_means_small_kernel(rows: int, cols: int, parallel: bool) -> Callable:
 # row and column means of x**2 over matrices of {rows} x {cols}
 import numba
 import numpy as np
+from adamkit.engines.numba_ops import bf16_decode as _bf16_decode
 from adamkit.engines.numba_ops import shuffled_copy as _shuffled_copy
 
 {copies}
@@ -1163,7 +1169,7 @@ def kernel(x, row_means, col_means, batch):
                 acc = 0.0
                 for k0 in range({cols}):
                     k = np.uint64(k0)
-                    v = np.float64(x[base + k])
+                    v = {load("x[base + k]")}
                     v = v * v
                     acc += v
                     col[k] += v
@@ -2123,11 +2129,12 @@ class FusedEngine:
         """torch's ``mean(dim=-2, keepdim=True)`` (the reference engine's) with the same bits;
         for a stack of matrices of up to 3 rows (a conv kernel's row factor) one Numba pass
         that sums each matrix's rows left to right and divides, as torch's mean does over so
-        few values (ResNet-18's 1.28M means of 3 took about 5 ms a step in torch)."""
+        few values (ResNet-18's 1.28M means of 3 took about 5 ms a step in torch; bfloat16
+        ones 13 ms), bfloat16 in float32 and rounded to nearest."""
         self._after_queued_writes((x,))
         n = x.shape[-2] if x.dim() >= 2 else 0
         batch = x.numel() // n if n else 0
-        if (x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous()
+        if (x.dtype not in SUPPORTED_DTYPES or not x.is_contiguous()
                 or x.shape[-1] != 1 or not 1 <= n <= 3 or batch < 2):
             return ReferenceEngine(self.param_dtype).mean_rows(x)
         import numpy as np
@@ -2135,9 +2142,13 @@ class FusedEngine:
         from . import numba_ops
 
         out = torch.empty(x.shape[:-2] + (1, 1), dtype=x.dtype)
-        kernel = numba_ops.mean_rows if x.numel() >= SERIAL_BELOW else numba_ops.mean_rows_serial
-        element = np.float32 if x.dtype == torch.float32 else np.float64
-        args = (_numpy(x), out.view(-1).numpy(), batch, n, element(n), MEAN_ROWS_ITEM)
+        parallel = x.numel() >= SERIAL_BELOW
+        if x.dtype is torch.bfloat16:
+            kernel = numba_ops.mean_rows_bf16 if parallel else numba_ops.mean_rows_bf16_serial
+        else:
+            kernel = numba_ops.mean_rows if parallel else numba_ops.mean_rows_serial
+        element = np.float64 if x.dtype == torch.float64 else np.float32
+        args = (_numpy(x), _numpy(out), batch, n, element(n), MEAN_ROWS_ITEM)
         if _serialize_calls():
             with _lock:
                 kernel(*args)
@@ -2196,8 +2207,14 @@ class FusedEngine:
         return engine.map(fn, s, ins, [], n_sums)
 
     def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The reference engine's means, for contiguous x of at least two dimensions: float32
+        or float64, or bfloat16 over matrices of up to SMALL_BCAST elements (a conv kernel's
+        3x3; larger bfloat16 matrices are read by :meth:`sq_stats_last_dims`'s pass)."""
         self._after_queued_writes((x,))
-        if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() < 2:
+        small = x.dim() >= 2 and x.shape[-2] * x.shape[-1] <= SMALL_BCAST
+        if (x.dtype not in (torch.float32, torch.float64)
+                and not (x.dtype is torch.bfloat16 and small)) \
+                or not x.is_contiguous() or x.dim() < 2:
             return ReferenceEngine(self.param_dtype).mean_sq_last_dims(x)
         n, m = x.shape[-2], x.shape[-1]
         lead = tuple(x.shape[:-2])
@@ -2211,7 +2228,8 @@ class FusedEngine:
             else:
                 _sq_means({(x.dtype, rows.dtype): [(x, rows, cols)]})
             return rows, cols
-        kernel = _sq_means_small_kernel(n, m, x.numel() >= SERIAL_BELOW)
+        kernel = _sq_means_small_kernel(n, m, x.numel() >= SERIAL_BELOW,
+                                        x.dtype is torch.bfloat16)
         args = (_numpy(x), rows.view(-1).numpy(), cols.view(-1).numpy(), x.numel() // (n * m))
         if _serialize_calls():
             with _lock:

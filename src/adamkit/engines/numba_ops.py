@@ -568,6 +568,24 @@ mean_rows = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=Tru
 mean_rows_serial = numba.njit(cache=True, error_model="numpy", nogil=True)(_mean_rows)
 
 
+def _mean_rows_bf16(x, out, batch, n, divisor, chunk):
+    """:func:`_mean_rows` of bfloat16 bits (int16): summed left to right in float32 and
+    divided by ``divisor`` (n as float32), then rounded to nearest-even, as torch's bfloat16
+    mean takes it over a few values."""
+    for c in numba.prange((batch + chunk - 1) // chunk):
+        for b0 in range(c * chunk, min(c * chunk + chunk, batch)):
+            b = np.uint64(b0)
+            acc = bf16_decode(x[b * np.uint64(n)])
+            for i in range(1, n):
+                acc += bf16_decode(x[b * np.uint64(n) + np.uint64(i)])
+            out[b] = bf16_encode(acc / divisor)
+
+
+mean_rows_bf16 = numba.njit(parallel=True, cache=True, error_model="numpy",
+                            nogil=True)(_mean_rows_bf16)
+mean_rows_bf16_serial = numba.njit(cache=True, error_model="numpy", nogil=True)(_mean_rows_bf16)
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
 def sq_means_many(xs, row_at, col_at, shapes, items, parts, columns, dtype, out_dtype):
     """Row and column means of x**2 for many tensors x viewed as (batch, n, m), in one launch:
