@@ -353,6 +353,7 @@ def run_benchmark(args, out=print) -> dict:
     rows: list[Row] = []
     for param_dtype in getattr(args, "param_dtype", ["float32"]):
         rows += _benchmark_dtype(args, shapes, param_dtype, bandwidth, out)
+        gc.collect()  # that dtype's parameters and their copies, before the next dtype's
     out("")
     out(format_table(rows))
     return {
@@ -488,8 +489,6 @@ def _benchmark_dtype(args, shapes, param_dtype: str, bandwidth: Bandwidth, out) 
     for name, (impl, engine, sd), times, base_times, traffic, state_nbytes in results:
         rows.append(_row(name, impl, engine, sd, times, n_params, traffic, base_times,
                          state_nbytes, bandwidth, param_dtype))
-    del params, originals
-    gc.collect()
     return rows
 
 

@@ -2162,8 +2162,9 @@ class FusedEngine:
         the parameters' dtype over matrices of more than SMALL_BCAST elements, and a float32,
         float64 or bfloat16 row state (rounded as a map rounds it): returns ``(a, cols, w,
         sums)`` with ``w`` the column sums of (a x)**2 and ``sums`` (a :class:`Pending` when
-        batched) the five statistics of :func:`run_row_stats`. Anything else takes the reference engine's path
-        (``mean_sq_last_dims``, then ``fn`` as a map), which gives ``w`` and ``sums`` as None."""
+        batched) the five statistics of :func:`run_row_stats`. Anything else takes the
+        reference engine's path (``mean_sq_last_dims``, then ``fn`` as a map), which gives
+        ``w`` and ``sums`` as None."""
         if not self.makes_row_stats(state, x, y):
             return ReferenceEngine.sq_stats_last_dims(self, fn, s, state, x, y)
         self._after_queued_writes((x, y, state))

@@ -53,8 +53,9 @@ class ReferenceEngine:
       over the row means); returns ``(a, column means, w, sums)``. An engine that reads each
       row of ``x`` once may also return ``w``, the column sums of ``(a * x)**2``, and ``sums``,
       to be yielded (``[sum of y**2, max a over rows whose mean of x**2 is not 0, max a over
-      the others, sum of x**2, min a over rows whose mean is not 0]``); this one returns both as None (Adafactor's one-pass sum of its update's
-      squares, which the rule checks against its per-element pass).
+      the others, sum of x**2, min a over rows whose mean is not 0]``); this one returns
+      both as None (Adafactor's one-pass sum of its update's squares, which the rule checks
+      against its per-element pass).
     * ``sums_where(where, fn, s, ins, n_sums)``: the sums of ``map(fn, s, ins, [], n_sums)``
       where ``where`` holds, ``n_sums`` zeros otherwise (a vectorized run gives an array of
       flags and gets arrays of sums: see ``Optimizer.vectorized_apply``).
