@@ -180,6 +180,15 @@ def test_param_dtype_rows_use_their_own_baseline_and_state(tmp_path, capsys, mon
     table = capsys.readouterr().out
     header = next(line for line in table.splitlines() if line.startswith("optimizer"))
     assert header.split()[:5] == ["optimizer", "impl", "engine", "params", "state"]
+    # without --state-dtype each dtype's state is kept in the parameters' dtype, as torch does
+    created.clear()
+    assert speed.main(["--shapes", "uniform", "--scale", "0.001", "--steps", "1", "--warmup",
+                       "0", "--optimizers", "lion", "--param-dtype", "float32,bfloat16",
+                       "--json", str(out)]) == 0
+    assert created == [("Lion", f32, f32, None), ("Lion", bf16, bf16, None)]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["param_dtype"], r["state_dtype"]) for r in rows if r["optimizer"] == "lion"] \
+        == [("float32", "float32"), ("bfloat16", "bfloat16")]
 
 
 def test_bad_arguments_are_rejected():

@@ -28,7 +28,8 @@ optimizer, engine and state dtype with
 ``--param-dtype float32,bfloat16`` repeats the whole table for parameters (and gradients) of
 each dtype, each against torch's fused AdamW on parameters of that dtype (whose state is then
 bfloat16 too); the ``params`` column names it, and the ``state`` column the storage: on
-bfloat16 parameters, ``float32`` is ``state_dtype="float32"`` and ``bfloat16`` the default.
+bfloat16 parameters, ``float32`` is ``state_dtype="float32"`` and ``bfloat16`` the default
+(``--state-dtype`` defaults to the parameters' dtype).
 ``--on-nonfinite apply,skip`` times each adamkit optimizer with each mode (the engine column
 says ``+skip``), which shows what the NaN/Inf check of ``on_nonfinite="skip"`` costs.
 ``--compare`` adds torch.optim's foreach (and fused) implementations of the same algorithms and,
@@ -402,7 +403,8 @@ def _benchmark_dtype(args, shapes, param_dtype: str, bandwidth: Bandwidth, out) 
     rows: list[Row] = []
     plans: list[tuple] = []
     for name in args.optimizers:
-        for state_dtype in args.state_dtype:
+        # by default the state is kept in the parameters' dtype (torch's behaviour)
+        for state_dtype in getattr(args, "state_dtype", None) or [param_dtype]:
             for mode in getattr(args, "on_nonfinite", ["apply"]):
                 plans.append(("adamkit", name, (state_dtype, mode)))
         if args.compare:
@@ -585,9 +587,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizers", type=_names, default=default_optimizers(),
                         help="comma-separated optimizer names, or 'all' (default: all that take "
                              "dense gradients)")
-    parser.add_argument("--state-dtype", type=_state_dtypes, default=["float32"],
+    parser.add_argument("--state-dtype", type=_state_dtypes, default=None,
                         help="comma-separated state storage: float32, bfloat16, int8 "
-                             "(default float32)")
+                             "(default: the parameters' dtype, as torch keeps it)")
     parser.add_argument("--param-dtype", type=_param_dtypes, default=["float32"],
                         help="comma-separated parameter (and gradient) dtypes: float32, "
                              "bfloat16 (default float32); each gets its own rows and its own "
