@@ -2142,11 +2142,7 @@ class FusedEngine:
         from . import numba_ops
 
         out = torch.empty(x.shape[:-2] + (1, 1), dtype=x.dtype)
-        parallel = x.numel() >= SERIAL_BELOW
-        if x.dtype is torch.bfloat16:
-            kernel = numba_ops.mean_rows_bf16 if parallel else numba_ops.mean_rows_bf16_serial
-        else:
-            kernel = numba_ops.mean_rows if parallel else numba_ops.mean_rows_serial
+        kernel = numba_ops.mean_rows if x.numel() >= SERIAL_BELOW else numba_ops.mean_rows_serial
         element = np.float64 if x.dtype == torch.float64 else np.float32
         args = (_numpy(x), _numpy(out), batch, n, element(n), MEAN_ROWS_ITEM)
         if _serialize_calls():

@@ -551,39 +551,48 @@ def sq_means_plan(shapes):
     return items, parts, columns
 
 
+def widened(v):
+    """An element as computed: bfloat16 bits (int16) decoded to float32, a float unchanged
+    (compiled only; see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(widened)
+def _widened(v):
+    if isinstance(v, types.Integer):
+        return lambda v: bf16_decode(v)
+    return lambda v: v
+
+
+def narrowed(v, out):
+    """``v`` as an element of array ``out``: rounded to nearest bfloat16 bits where ``out``
+    holds them (int16), unchanged for a float array (compiled only)."""
+    raise NotImplementedError
+
+
+@overload(narrowed)
+def _narrowed(v, out):
+    if isinstance(out.dtype, types.Integer):
+        return lambda v, out: bf16_encode(v)
+    return lambda v, out: v
+
+
 def _mean_rows(x, out, batch, n, divisor, chunk):
     """``out[b] = (x[b * n] + ... + x[b * n + n - 1]) / divisor`` for b < batch, summed left to
-    right in x's dtype (``divisor`` is n in that dtype): a (..., n, 1) tensor's mean over its
-    rows, as torch's mean takes it over a few values (``chunk`` matrices per work item)."""
+    right in x's dtype, float32 for bfloat16 bits (``divisor`` is n in that dtype; a bfloat16
+    mean is then rounded to nearest): a (..., n, 1) tensor's mean over its rows, as torch's
+    mean takes it over a few values (``chunk`` matrices per work item)."""
     for c in numba.prange((batch + chunk - 1) // chunk):
         for b0 in range(c * chunk, min(c * chunk + chunk, batch)):
             b = np.uint64(b0)
-            acc = x[b * np.uint64(n)]
+            acc = widened(x[b * np.uint64(n)])
             for i in range(1, n):
-                acc += x[b * np.uint64(n) + np.uint64(i)]
-            out[b] = acc / divisor
+                acc += widened(x[b * np.uint64(n) + np.uint64(i)])
+            out[b] = narrowed(acc / divisor, out)
 
 
 mean_rows = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)(_mean_rows)
 mean_rows_serial = numba.njit(cache=True, error_model="numpy", nogil=True)(_mean_rows)
-
-
-def _mean_rows_bf16(x, out, batch, n, divisor, chunk):
-    """:func:`_mean_rows` of bfloat16 bits (int16): summed left to right in float32 and
-    divided by ``divisor`` (n as float32), then rounded to nearest-even, as torch's bfloat16
-    mean takes it over a few values."""
-    for c in numba.prange((batch + chunk - 1) // chunk):
-        for b0 in range(c * chunk, min(c * chunk + chunk, batch)):
-            b = np.uint64(b0)
-            acc = bf16_decode(x[b * np.uint64(n)])
-            for i in range(1, n):
-                acc += bf16_decode(x[b * np.uint64(n) + np.uint64(i)])
-            out[b] = bf16_encode(acc / divisor)
-
-
-mean_rows_bf16 = numba.njit(parallel=True, cache=True, error_model="numpy",
-                            nogil=True)(_mean_rows_bf16)
-mean_rows_bf16_serial = numba.njit(cache=True, error_model="numpy", nogil=True)(_mean_rows_bf16)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
