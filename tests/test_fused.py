@@ -19,10 +19,12 @@ import pytest
 import torch
 
 import adamkit
-from adamkit.engines import fused_cpu
+from adamkit import compiler
+from adamkit.engines import cpu
+from adamkit.engines.cpu import batch, codegen, runtime
 from adamkit.registry import OPTIMIZERS
 
-pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 
 # Flag variants per optimizer: every boolean option on and off, and the decay forms. The first
 # entry of each list is combined with maximize=True as well.
@@ -74,10 +76,10 @@ def _make_params(dtype, sparse: bool):
         return [[rnd(40, 8), rnd(1, 3)], [rnd(0, 4), rnd(300, 2)]]
     transposed = rnd(9, 6).t()  # non-contiguous: "auto" runs the reference engine on it
     assert not transposed.is_contiguous()
-    # 257 x 513 is above fused_cpu.SERIAL_BELOW: its per-tensor kernels (reductions) run on
+    # 257 x 513 is above codegen.SERIAL_BELOW: its per-tensor kernels (reductions) run on
     # the thread pool, over several chunks; the others run on the calling thread
     big = rnd(257, 513)
-    assert big.numel() >= fused_cpu.SERIAL_BELOW
+    assert big.numel() >= codegen.SERIAL_BELOW
     return [[rnd(33, 17), rnd(1), rnd(0), rnd(5, 3, 4)], [rnd(1000), transposed, rnd(2, 1), big]]
 
 
@@ -123,13 +125,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def count_fused(monkeypatch):
     calls = []
-    original = fused_cpu.FusedEngine.map
+    original = cpu.FusedEngine.map
 
     def counting(self, fn, *args, **kwargs):
         calls.append(fn)
         return original(self, fn, *args, **kwargs)
 
-    monkeypatch.setattr(fused_cpu.FusedEngine, "map", counting)
+    monkeypatch.setattr(cpu.FusedEngine, "map", counting)
     return calls
 
 
@@ -164,7 +166,7 @@ def test_adafactor_conv_shapes_match_reference(dtype, tol):
     above SERIAL_BELOW, so it also runs on the thread pool). bfloat16: the same float32
     arithmetic, rounded to nearest on both engines (at most a last-bit difference)."""
     shapes = [(128, 128, 3, 3), (16, 8, 3, 3), (64, 32, 1, 1), (7, 5, 2, 3), (3, 70, 60)]
-    assert math.prod(shapes[0]) >= fused_cpu.SERIAL_BELOW
+    assert math.prod(shapes[0]) >= codegen.SERIAL_BELOW
     results = []
     for backend in ("reference", "fused"):
         gen = torch.Generator().manual_seed(3)
@@ -193,7 +195,7 @@ def test_mean_sq_last_dims_matches_reference(shape, dtype, tol):
     element-dtype runs; 1100 x 1001 is two bands), against torch in float64. bfloat16 is
     computed in float32: its small matrices by the same kernels, decoding as they read."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    rows, cols = fused_cpu.FusedEngine(dtype).mean_sq_last_dims(x.to(dtype))
+    rows, cols = cpu.FusedEngine(dtype).mean_sq_last_dims(x.to(dtype))
     sq = x.to(dtype).double() ** 2
     assert rows.shape == shape[:-1] + (1,) and cols.shape == shape[:-2] + (1, shape[-1])
     assert _rel(rows, sq.mean(dim=-1, keepdim=True)) <= tol
@@ -212,12 +214,12 @@ def test_mean_rows_equals_torch_mean_bit_for_bit(dtype):
     gen = torch.Generator().manual_seed(9)
     shapes = [(512, 300, 3, 1), (7, 5, 3, 1), (40, 2, 1), (9, 1, 1), (6, 7, 1), (3, 1),
               (2, 4, 1)]
-    assert math.prod(shapes[0]) >= fused_cpu.SERIAL_BELOW > math.prod(shapes[1])
+    assert math.prod(shapes[0]) >= codegen.SERIAL_BELOW > math.prod(shapes[1])
     for shape in shapes:
         decades = torch.randint(-6, 6, shape, generator=gen).double()
         x = (torch.rand(shape, generator=gen, dtype=torch.float64) * 10 ** decades).to(dtype)
         want = x.mean(dim=-2, keepdim=True)
-        for engine in (ReferenceEngine(dtype), fused_cpu.FusedEngine(dtype)):
+        for engine in (ReferenceEngine(dtype), cpu.FusedEngine(dtype)):
             got = engine.mean_rows(x)
             assert got.dtype == dtype and got.shape == want.shape, (shape, engine)
             assert torch.equal(got, want), (shape, engine)
@@ -231,7 +233,7 @@ def test_shuffled_copy_moves_the_elements_its_pattern_names(element):
     import numba
     import numpy as np
 
-    from adamkit.engines import numba_ops
+    from adamkit.engines.cpu import numba_ops
 
     pattern = tuple(3 * (e // 9) + e % 3 for e in range(144))  # 16 matrices' column factors
     copy = numba_ops.shuffled_copy(48, pattern)
@@ -268,7 +270,7 @@ def test_batched_means_of_squares_run_in_one_launch_before_the_maps(monkeypatch)
     flush(), before the maps queued after them
     (which may read them), for matrices summed whole and in row bands, in float64 to 1e-13
     and float32 to 1e-6 against torch; a map run at once on a deferred result waits for it."""
-    from adamkit.engines import numba_ops
+    from adamkit.engines.cpu import numba_ops
 
     launches = []
     original = numba_ops.sq_means_many
@@ -283,10 +285,10 @@ def test_batched_means_of_squares_run_in_one_launch_before_the_maps(monkeypatch)
     # several bands of rows per matrix (work items of about numba_ops.BAND elements)
     assert 1100 * 1001 > numba_ops.BAND
     gen = torch.Generator().manual_seed(6)
-    batch = fused_cpu.KernelBatch()
+    batch = cpu.KernelBatch()
     queued = []
     for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
-        engine = fused_cpu.FusedEngine(dtype, batch=batch, batch_sums=True)
+        engine = cpu.FusedEngine(dtype, batch=batch, batch_sums=True)
         for shape in shapes:
             x = torch.randn(shape, generator=gen, dtype=dtype)
             rows, cols = engine.mean_sq_last_dims(x)
@@ -297,7 +299,7 @@ def test_batched_means_of_squares_run_in_one_launch_before_the_maps(monkeypatch)
     assert not launches
     batch.flush()
     # matrices of at most SMALL_BCAST elements run at once (kernels compiled per shape)
-    deferred = sum(1 for shape in shapes if shape[-2] * shape[-1] > fused_cpu.SMALL_BCAST)
+    deferred = sum(1 for shape in shapes if shape[-2] * shape[-1] > codegen.SMALL_BCAST)
     assert deferred == 6 and sorted(launches) == [deferred, deferred]
     for x, rows, cols, copy, tol in queued:
         sq = x.double() ** 2
@@ -305,7 +307,7 @@ def test_batched_means_of_squares_run_in_one_launch_before_the_maps(monkeypatch)
         assert _rel(cols, sq.mean(dim=-2, keepdim=True)) <= tol
         assert torch.equal(copy, rows)
     # a map of row and column factors (the mfact layout) queued after them reads them too
-    engine = fused_cpu.FusedEngine(torch.float64, batch=batch, batch_sums=True)
+    engine = cpu.FusedEngine(torch.float64, batch=batch, batch_sums=True)
     x = torch.randn(2, 30, 40, generator=gen, dtype=torch.float64)
     rows, cols = engine.mean_sq_last_dims(x)
     out = torch.empty(2, 30, 40, dtype=torch.float64)
@@ -350,7 +352,7 @@ def test_broadcast_maps_match_reference(shape, others, dtype, tol):
             a, b = (torch.rand(sh, generator=gen, dtype=torch.float64) * 10
                     for sh in (a_shape, b_shape))
             results = []
-            for engine in (ReferenceEngine(dtype), fused_cpu.FusedEngine(dtype)):
+            for engine in (ReferenceEngine(dtype), cpu.FusedEngine(dtype)):
                 q, h, x, y = (t.to(dtype, copy=True) for t in (p, g, a, b))
                 sums = engine.map(_update_sq, s, [q, h, x, y], [], n_sums=2)
                 engine.map(_apply_update, s, [q, h, x, y], [q])
@@ -376,7 +378,7 @@ def test_factored_maps_of_many_matrices_run_in_one_launch(dtype):
 
     s = AdafactorScalars(lr=0.01, one_minus_beta2=0.2, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
                          weight_decay=0.1, step_size=0.003, max_rsqrt=50.0)
-    assert 20000 > fused_cpu.CHUNK
+    assert 20000 > codegen.CHUNK
     cases = [((300, 40), (300, 1), (1, 40)), ((3, 20000), (3, 1), (1, 20000)),
              ((1, 5000), (1, 1), (1, 5000)), ((40000, 3), (40000, 1), (1, 3)),
              ((2, 70, 30), (2, 70, 1), (2, 1, 30)), ((50, 64), (50, 1), (64,)),
@@ -396,11 +398,11 @@ def test_factored_maps_of_many_matrices_run_in_one_launch(dtype):
     made = operands()
     results = {}
     for batched in (True, False):
-        batch = fused_cpu.KernelBatch() if batched else None
+        batch = cpu.KernelBatch() if batched else None
         sums, outs = [], []
         for i, (p, g, a, b) in enumerate(made):
             q, h, x, y = p.clone(), g.clone(), a.to(compute), b.to(compute)
-            engine = fused_cpu.FusedEngine(dtype, negate=h, seed=1000 + i, batch=batch,
+            engine = cpu.FusedEngine(dtype, negate=h, seed=1000 + i, batch=batch,
                                            batch_sums=True, stochastic_bf16=True)
             sums.append(engine.map(_update_sq, s, [q, h, x, y], [], n_sums=2))
             engine.map(_apply_update, s, [q, h, x, y], [q])
@@ -415,7 +417,7 @@ def test_factored_maps_of_many_matrices_run_in_one_launch(dtype):
             assert queued == {_update_sq: 6, _apply_update: 6}
             assert len(batch._groups) == 4
             batch.flush()
-            sums = [list(x.value) if isinstance(x, fused_cpu.Pending) else x for x in sums]
+            sums = [list(x.value) if isinstance(x, cpu.Pending) else x for x in sums]
         results[batched] = (sums, outs)
     (sums, outs), (sums_1, outs_1) = results[True], results[False]
     reference = ReferenceEngine(torch.float64)
@@ -477,8 +479,8 @@ def test_fused_backend_rejects_unsupported_tensors():
 
 
 def test_fused_backend_needs_numba(monkeypatch):
-    monkeypatch.setitem(fused_cpu._numba_state, "ok", False)
-    monkeypatch.setitem(fused_cpu._numba_state, "error", "ImportError: No module named 'numba'")
+    monkeypatch.setitem(runtime._numba_state, "ok", False)
+    monkeypatch.setitem(runtime._numba_state, "error", "ImportError: No module named 'numba'")
     with pytest.raises(ValueError, match=r"backend='fused' needs numba"):
         adamkit.Adam([torch.zeros(3)], backend="fused")
     # "auto" quietly uses the reference engine
@@ -509,7 +511,7 @@ def test_auto_falls_back_for_unsupported_tensors(count_fused):
 
 def test_kernel_cache_is_on_disk(tmp_path, monkeypatch):
     """Kernels are generated as modules in the cache directory with Numba's cache beside them."""
-    directory = fused_cpu._writable_cache_dir()
+    directory = runtime._writable_cache_dir()
     p = torch.ones(10, requires_grad=True)
     opt = adamkit.Lion([p], lr=0.1, backend="fused")
     p.grad = torch.ones(10)
@@ -533,11 +535,11 @@ def test_one_launch_for_all_tensors_equals_one_launch_per_tensor(
     a table of tensors; that must be bit-identical to launching it per tensor. Sizes cover several
     chunks of one tensor, a chunk's tail, one element, zero elements and two param groups."""
     torch.manual_seed(0)
-    sizes = [[fused_cpu.CHUNK * 2 + 517, 1, 0], [300, 5000, fused_cpu.CHUNK]]
+    sizes = [[codegen.CHUNK * 2 + 517, 1, 0], [300, 5000, codegen.CHUNK]]
 
     def run(batched: bool):
         if not batched:  # step() then runs every map as it comes
-            monkeypatch.setattr(fused_cpu, "KernelBatch", lambda: None)
+            monkeypatch.setattr(cpu, "KernelBatch", lambda: None)
         gen = torch.Generator().manual_seed(1)
         groups = [[torch.randn(n, generator=gen).to(param_dtype).requires_grad_() for n in g]
                   for g in sizes]
@@ -551,13 +553,13 @@ def test_one_launch_for_all_tensors_equals_one_launch_per_tensor(
         return [p for g in groups for p in g], opt
 
     launches = []
-    original = fused_cpu.KernelBatch.flush
+    original = cpu.KernelBatch.flush
 
     def counting_flush(self):
         launches.append(len(self._groups))
         return original(self)
 
-    monkeypatch.setattr(fused_cpu.KernelBatch, "flush", counting_flush)
+    monkeypatch.setattr(cpu.KernelBatch, "flush", counting_flush)
     batched, opt_b = run(True)
     # one kernel for the whole step; with int8 state, tensors under 4096 elements keep float32
     # state and take a second kernel
@@ -579,14 +581,14 @@ def test_any_nonfinite_over_many_tensors():
     with one bad value at a time in each tensor and every dtype: at the edges of the check's
     work items and of the four streams each reads (quarters, and the tail a quarter leaves)."""
     gen = torch.Generator().manual_seed(0)
-    chunk = fused_cpu.CHECK_CHUNK
+    chunk = cpu.CHECK_CHUNK
     tensors = [torch.randn(n, generator=gen).to(dtype)
                for n, dtype in [(0, torch.float32), (1, torch.float32), (2 * chunk + 1027,
                                 torch.float32), (5000, torch.float64), (7, torch.bfloat16),
                                 (chunk + 6, torch.bfloat16)]]
     tensors[2][7] = 3.0e38  # huge but finite: x * 0 is still 0
     tensors[5][5] = 3.0e38  # finite in bfloat16 too (its largest exponent is below all ones)
-    assert fused_cpu.any_nonfinite(tensors) is False
+    assert cpu.any_nonfinite(tensors) is False
 
     def edges(n):
         out = set()
@@ -604,11 +606,11 @@ def test_any_nonfinite_over_many_tensors():
             old = t[k].clone()
             t[k] = bad[(i + j) % 4]
             assert not bool(torch.isfinite(t).all())
-            assert fused_cpu.any_nonfinite(tensors) is True, (i, k, t[k])
+            assert cpu.any_nonfinite(tensors) is True, (i, k, t[k])
             t[k] = old
             checked += 1
     assert checked > 30
-    assert fused_cpu.any_nonfinite(tensors) is False
+    assert cpu.any_nonfinite(tensors) is False
 
 
 def test_auto_uses_the_fused_engine_for_multi_pass_rules(count_fused):
@@ -623,13 +625,13 @@ def test_kernels_are_compiled_per_outcome_of_scalar_branches():
     from adamkit.algorithms.adam import Adam
     from adamkit.algorithms.fadam import _clip_sums_pass
 
-    program = fused_cpu._rule_program(Adam.update)
+    program = compiler._rule_program(Adam.update)
     assert [kind for kind, _ in program.points] == ["if", "if", "if"]
     plain = program.source((False, False, False))  # no decay, not decoupled, no AMSGrad
     assert "maximum(" not in plain and "weight_decay" not in plain
     amsgrad = program.source((True, True, True))
     assert "maximum(" in amsgrad and "weight_decay" in amsgrad
-    fisher = fused_cpu._rule_program(_clip_sums_pass)
+    fisher = compiler._rule_program(_clip_sums_pass)
     assert fisher.points == [("pow", "_E(s.power)")]
     assert "_sqrt(" in fisher.source((0.5,)) and "_pow_general(" in fisher.source(("other",))
 
@@ -655,7 +657,7 @@ def test_groups_with_different_branch_outcomes_match_reference():
 
 def test_repeated_steps_take_the_fast_path_and_notice_every_change(count_fused):
     """From a parameter's second step its batched map is repeated without the per-operand
-    checks (optimizer._Plan). Against torch.optim.AdamW run side by side (float64, 1e-12),
+    checks (plans._Plan). Against torch.optim.AdamW run side by side (float64, 1e-12),
     through the changes a training loop makes between steps: fresh gradient tensors,
     gradients accumulated in place, a new learning rate, ``p.data`` replaced, state loaded from
     a checkpoint, ``maximize`` switched, a parameter without a gradient, a non-contiguous
@@ -779,7 +781,7 @@ def _assert_same(params, other_params, states, other_states) -> None:
 def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, config,
                                                                   monkeypatch):
     """From a param group's second step its maps are added as one block per kernel, with the
-    scalars computed once per step count (optimizer._GroupPlan). Bitwise against the same
+    scalars computed once per step count (plans._GroupPlan). Bitwise against the same
     steps with that path switched off (each tensor then repeats its own _Plan), so scalars,
     step counts, NAdam's per-parameter mu_product (shared through scalars_key and
     share_scalars) and stochastic-rounding seeds must all be the same: int8 state rounded
@@ -789,7 +791,7 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     unrectified kernels); a new learning rate; maximize switched; a parameter replaced in its
     group. The path must be taken exactly where nothing it depends on changed.
 
-    FAdam (a generator apply with vectorized_apply) takes optimizer._GroupLockstepPlan instead:
+    FAdam (a generator apply with vectorized_apply) takes cohort._GroupLockstepPlan instead:
     its generator runs once per cohort of tensors on arrays of their sums (int8 state: the
     tensors over and under 4096 elements are two cohorts), so its per-tensor scalars must
     come out of the array arithmetic bit for bit as from the per-tensor generators. So does
@@ -798,8 +800,8 @@ def test_group_fast_path_matches_the_per_tensor_path_bit_for_bit(name, kwargs, c
     dtype, state_dtype, sr = ((torch.float32, "int8", False) if config == "float32-int8"
                               else (torch.bfloat16, None, True))
     taken = []
-    plan_type = adamkit.optimizer._GroupLockstepPlan if name in ("fadam", "adafactor") \
-        else adamkit.optimizer._GroupPlan
+    plan_type = adamkit.engines.cohort._GroupLockstepPlan if name in ("fadam", "adafactor") \
+        else adamkit.engines.plans._GroupPlan
     original = plan_type.repeat
 
     def spy(self, opt, group, batch):
@@ -867,7 +869,7 @@ def test_a_subclass_whose_scalars_read_the_state_gets_no_shared_scalars():
     """scalars_from_step is a promise about ``scalars``: a subclass that overrides it (here
     with a per-parameter step size kept in the state) does not inherit it, so each tensor
     keeps its own scalars on the fast path; one that repeats the promise gets it."""
-    from adamkit.optimizer import _shares_scalars
+    from adamkit.engines.plans import _shares_scalars
 
     class PerParameterLR(adamkit.AdamW):
         def scalars(self, group, state):
@@ -907,11 +909,11 @@ def test_multi_pass_rules_run_each_pass_once_for_all_tensors(name, state_dtype, 
     tensors of several chunks, a chunk's tail, one element and 5000 elements, in float64, to
     1e-12: against the reference engine and against the same rule run tensor by tensor (int8
     state rounded to nearest: both engines then store the same codes)."""
-    sizes = [(fused_cpu.CHUNK * 2 + 517,), (1,), (5000,), (300,)]
+    sizes = [(codegen.CHUNK * 2 + 517,), (1,), (5000,), (300,)]
 
     def run(backend, batched=True):
         if not batched:  # step() then runs every map as it comes
-            monkeypatch.setattr(fused_cpu, "KernelBatch", lambda: None)
+            monkeypatch.setattr(cpu, "KernelBatch", lambda: None)
         gen = torch.Generator().manual_seed(4)
         params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_()
                   for s in sizes]
@@ -925,14 +927,14 @@ def test_multi_pass_rules_run_each_pass_once_for_all_tensors(name, state_dtype, 
         return params, opt
 
     launches = []
-    original = fused_cpu.KernelBatch.flush
+    original = cpu.KernelBatch.flush
 
     def counting_flush(self):  # kernels: maps added one by one or as blocks (a group's)
         if self._groups or self._blocks:
             launches.append(len(set(self._groups) | set(self._blocks)))
         return original(self)
 
-    monkeypatch.setattr(fused_cpu.KernelBatch, "flush", counting_flush)
+    monkeypatch.setattr(cpu.KernelBatch, "flush", counting_flush)
     fused, opt_f = run("fused")
     assert launches == per_pass * 4
     oracles = [run("fused", batched=False), run("reference")]
@@ -974,18 +976,18 @@ def test_broadcast_shapes_and_strides_match_torch():
             expected = tuple(torch.broadcast_shapes(*shapes))
         except RuntimeError:
             expected = None
-        assert fused_cpu._broadcast_shape([torch.Size(s) for s in shapes]) == expected, shapes
+        assert batch._broadcast_shape([torch.Size(s) for s in shapes]) == expected, shapes
         if expected is None:
             continue
         for s in shapes:
             t = torch.zeros(s)
-            got = fused_cpu._collapse_strides(t, expected)
+            got = batch._collapse_strides(t, expected)
             e = t.expand(expected)
             # collapse torch's own expanded view the same way and compare
-            assert got == fused_cpu._collapse_strides(e, expected), (s, expected)
+            assert got == batch._collapse_strides(e, expected), (s, expected)
     # strides from a transposed operand keep their values
     t = torch.zeros(5, 4).t()
-    assert fused_cpu._collapse_strides(t, (4, 5)) == (0, 1, 4)
+    assert batch._collapse_strides(t, (4, 5)) == (0, 1, 4)
 
 
 def _add(s: _Unused, x, c):
@@ -1001,8 +1003,8 @@ def test_a_queued_map_reading_a_queued_result_runs_after_it():
     first maps differ in kernel (c a number, c a tensor) and whose second maps share one: run
     grouped by kernel, the second tensor's p += x would run before its x += c. The batch
     flushes before queuing a map that reads what a queued map writes."""
-    batch = fused_cpu.KernelBatch()
-    engine = fused_cpu.FusedEngine(torch.float64, batch=batch)
+    batch = cpu.KernelBatch()
+    engine = cpu.FusedEngine(torch.float64, batch=batch)
     xs = [torch.ones(10, dtype=torch.float64) for _ in range(2)]
     ps = [torch.zeros(10, dtype=torch.float64) for _ in range(2)]
     c = torch.full((10,), 2.0, dtype=torch.float64)
@@ -1032,9 +1034,9 @@ def test_a_map_run_at_once_waits_for_queued_maps_that_write_its_tensors():
     col = torch.rand(1, 40, generator=gen) + 0.5
     results = []
     for engine in ("reference", "fused"):
-        batch = fused_cpu.KernelBatch()
+        batch = cpu.KernelBatch()
         e = ReferenceEngine(torch.float32) if engine == "reference" else \
-            fused_cpu.FusedEngine(torch.float32, batch=batch)
+            cpu.FusedEngine(torch.float32, batch=batch)
         p, g, row, a = p0.clone(), g0.clone(), row0.clone(), new0.clone()
         e.map(_ema_rsqrt, s, [row, a], [row, a])  # queued by the fused engine
         if engine == "fused":
@@ -1069,8 +1071,8 @@ def test_generator_rules_repeat_their_maps_and_notice_every_change(name, config,
                               "bfloat16-sr": (torch.bfloat16, None, True),
                               "float64": (torch.float64, None, False)}[config]
     verdicts, repeats = [], []
-    plan_repeat = adamkit.optimizer._LockstepPlan.repeat
-    engine_repeat = fused_cpu.FusedEngine._repeat
+    plan_repeat = adamkit.engines.plans._LockstepPlan.repeat
+    engine_repeat = cpu.FusedEngine._repeat
 
     def spy_plan(self, *args):
         result = plan_repeat(self, *args)
@@ -1083,13 +1085,13 @@ def test_generator_rules_repeat_their_maps_and_notice_every_change(name, config,
         return result
 
     def run(fast):
-        monkeypatch.setattr(adamkit.optimizer._LockstepPlan, "repeat", spy_plan)
-        monkeypatch.setattr(fused_cpu.FusedEngine, "_repeat", spy_engine)
+        monkeypatch.setattr(adamkit.engines.plans._LockstepPlan, "repeat", spy_plan)
+        monkeypatch.setattr(cpu.FusedEngine, "_repeat", spy_engine)
         # the per-tensor plans, without the group-level one of a vectorized apply (FAdam)
-        monkeypatch.setattr(adamkit.optimizer._GroupLockstepPlan, "record",
+        monkeypatch.setattr(adamkit.engines.cohort._GroupLockstepPlan, "record",
                             classmethod(lambda *args: None))
         if not fast:
-            monkeypatch.setattr(adamkit.optimizer._LockstepPlan, "record",
+            monkeypatch.setattr(adamkit.engines.plans._LockstepPlan, "record",
                                 classmethod(lambda *args: None))
         gen = torch.Generator().manual_seed(11)
         params = [torch.randn(s, generator=gen).to(dtype).requires_grad_()
@@ -1157,8 +1159,8 @@ def test_a_repeated_map_that_no_longer_fits_takes_the_full_path():
     outputs = []
 
     def phase(c, y=None, negate=None):
-        batch = fused_cpu.KernelBatch()
-        engine = fused_cpu.FusedEngine(torch.float64, batch=batch, calls=calls, trusted=(x,),
+        batch = cpu.KernelBatch()
+        engine = cpu.FusedEngine(torch.float64, batch=batch, calls=calls, trusted=(x,),
                                        negate=negate)
         engine.map(_add, _Unused(0.0), [x, c], [x])
         if y is not None:
@@ -1317,10 +1319,11 @@ def test_a_vectorized_map_whose_kernel_branches_per_tensor_splits_its_block(monk
     the map is queued as one block per branch outcome, and each tensor's sums come back at
     its own index (here they set its next step size): bitwise as the per-tensor path, with
     tensors of both outcomes interleaved."""
-    from adamkit.optimizer import _GroupLockstepPlan
+    from adamkit.engines import cohort
+    from adamkit.engines.cohort import _GroupLockstepPlan
 
     outcomes = []
-    split = fused_cpu.block_outcomes
+    split = compiler.block_outcomes
 
     def spy(fn, s, dtype, rows):
         result = split(fn, s, dtype, rows)
@@ -1330,7 +1333,7 @@ def test_a_vectorized_map_whose_kernel_branches_per_tensor_splits_its_block(monk
     def run(fast):
         if not fast:
             monkeypatch.setattr(_GroupLockstepPlan, "record", classmethod(lambda *a: None))
-        monkeypatch.setattr(fused_cpu, "block_outcomes", spy)
+        monkeypatch.setattr(cohort, "block_outcomes", spy)
         gen = torch.Generator().manual_seed(6)
         params = [torch.randn(n, generator=gen, dtype=torch.float64).requires_grad_()
                   for n in (300, 5000, 40, 7)]
@@ -1377,7 +1380,7 @@ def test_sq_stats_last_dims_matches_torch(shape, dtype, state_dtype, tol):
     s = AdafactorScalars(lr=0.01, one_minus_beta2=0.3, rho=0.01, eps1=1e-30, eps2=1e-3, d=1.0,
                          weight_decay=0.0, step_size=math.nan, max_rsqrt=math.nan)
     got_state = state.to(state_dtype).clone()
-    engine = fused_cpu.FusedEngine(dtype)
+    engine = cpu.FusedEngine(dtype)
     assert engine.makes_row_stats(got_state, x.to(dtype), y.to(dtype))
     a, cols, w, sums = engine.sq_stats_last_dims(
         _ema_rsqrt, s, got_state, x.to(dtype), y.to(dtype))
@@ -1416,7 +1419,7 @@ def test_sq_stats_last_dims_rounds_bfloat16_row_state_as_a_map_does():
     state = (torch.rand(300, 1, generator=gen) * 3).to(torch.bfloat16)
     results = []
     for one_pass in (True, False):
-        engine = fused_cpu.FusedEngine(torch.bfloat16, seed=777, stochastic_bf16=True)
+        engine = cpu.FusedEngine(torch.bfloat16, seed=777, stochastic_bf16=True)
         st = state.clone()
         if one_pass:
             a, _, w, _ = engine.sq_stats_last_dims(_ema_rsqrt, s, st, x, x)
@@ -1452,7 +1455,7 @@ def test_sq_stats_last_dims_leaves_other_tensors_to_the_reference_path():
             x = torch.randn(shape[::-1], generator=gen).to(dtype).t()
         state = torch.rand(shape[:-1] + (1,), generator=gen).to(state_dtype)
         results = []
-        for engine in (fused_cpu.FusedEngine(dtype), ReferenceEngine(dtype)):
+        for engine in (cpu.FusedEngine(dtype), ReferenceEngine(dtype)):
             st = state.clone()
             a, cols, w, sums = engine.sq_stats_last_dims(_ema_rsqrt, s, st, x, x)
             assert w is None and sums is None, (shape, dtype, engine)
@@ -1466,7 +1469,7 @@ def _adafactor_redo_flags(monkeypatch) -> list:
     from adamkit import optimizer as optimizer_module
 
     seen = []
-    for cls in (fused_cpu.FusedEngine, optimizer_module._BlockEngine):
+    for cls in (cpu.FusedEngine, optimizer_module._BlockEngine):
         original = cls.sums_where
 
         def record(self, where, *args, _original=original):

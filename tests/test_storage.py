@@ -12,7 +12,7 @@ import torch
 
 import adamkit
 from adamkit import storage
-from adamkit.engines import fused_cpu
+from adamkit.engines import cpu
 from adamkit.registry import OPTIMIZERS
 from adamkit.storage import BLOCK, BlockQuantized
 
@@ -110,7 +110,7 @@ def _copy(s, x, y):
     return x
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 @pytest.mark.parametrize("batched", [False, True], ids=["per-tensor", "multi-tensor"])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_kernel_codec_matches_torch_codec_bit_for_bit(signed, batched):
@@ -130,8 +130,8 @@ def test_kernel_codec_matches_torch_codec_bit_for_bit(signed, batched):
     codes, absmax = storage.encode(x, signed)
 
     def run(ins, outs):
-        batch = fused_cpu.KernelBatch() if batched else None
-        engine = fused_cpu.FusedEngine(torch.float32, batch=batch)
+        batch = cpu.KernelBatch() if batched else None
+        engine = cpu.FusedEngine(torch.float32, batch=batch)
         engine.map(_copy, _NoScalars(), ins, outs)
         if batch is not None:
             assert len(batch) == 1
@@ -169,7 +169,7 @@ def _int8_targets_after_one_step(name, slot, signed, target, blocks, stochastic=
     return state.dequantize().view(blocks, BLOCK)[:, 1:].double()
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 @_ROUNDING_CASES
 def test_fused_kernel_rounds_int8_state_stochastically_without_bias(name, slot, signed, target):
     # stochastic rounding (16 random bits per element in the kernels) must average out to the
@@ -182,7 +182,7 @@ def test_fused_kernel_rounds_int8_state_stochastically_without_bias(name, slot, 
     assert errors[True] < 0.1 * errors[False], errors
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 @_ROUNDING_CASES
 def test_fused_int8_rounding_is_unbiased_at_every_position_of_a_block(name, slot, signed,
                                                                        target):
@@ -261,7 +261,7 @@ def test_compact_state_tracks_float32_on_a_convex_problem(name):
         assert float((x - x32).norm() / x32.norm()) < 0.15, state_dtype
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 # Multi-pass rules with int8 state (FAdam, Adafactor on 1-D tensors) are left out: a later pass
 # reads the state an earlier pass stored, which the fused engine keeps as 8-bit codes in between
 # while the reference path keeps float32 until the end of the step, so the two legitimately

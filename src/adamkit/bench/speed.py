@@ -434,8 +434,8 @@ def _benchmark_dtype(args, shapes, param_dtype: str, bandwidth: Bandwidth, out) 
                                       on_nonfinite=mode, **kwargs)
             engine = args.backend
             if args.backend == "auto":
-                from adamkit.engines import fused_cpu
-                engine = "fused" if fused_cpu.available() else "reference"
+                from adamkit.engines import cpu
+                engine = "fused" if cpu.available() else "reference"
             if mode != "apply":
                 engine += f" +{mode}"
             label = ("adamkit", engine, state_dtype)

@@ -14,6 +14,7 @@ the bounds of :func:`clamp`) are always plain Python floats.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -99,3 +100,9 @@ def lerp(start, end, weight: float):
     if abs(weight) < 0.5:
         return start + weight * (end - start)
     return end - (end - start) * (1.0 - weight)
+
+
+# these are the element helpers the rule compiler lets a rule call
+from ..compiler import element_helpers  # noqa: E402  (the compiler imports no engine)
+
+element_helpers(sys.modules[__name__])

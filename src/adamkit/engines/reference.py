@@ -1,7 +1,11 @@
-"""The reference engine: evaluates a rule with torch operations on whole tensors.
+"""The engine contract, and the reference engine that is its executable statement.
 
-It runs on any device and any floating dtype and is the oracle every other engine is tested
-against. Readability beats speed here: each ``map`` materialises its results and copies them
+A rule's ``apply`` talks to an engine through the primitives listed in :class:`ReferenceEngine`
+(``map``, ``sums_where``, ``mean_sq_last_dims``, ``sq_stats_last_dims``, ``mean_rows``,
+``per_tensor``); every backend implements exactly these (the fused CPU engine in
+:mod:`adamkit.engines.cpu`), and is tested against this one. The reference engine evaluates a
+rule with torch operations on whole tensors; it runs on any device and any floating dtype and
+is the oracle every other engine is tested against. Readability beats speed here: each ``map`` materialises its results and copies them
 into the output tensors.
 """
 

@@ -25,7 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload, register_jitable
 
-from . import ops
+from .. import ops
 
 # ---- bit casts -----------------------------------------------------------------------------
 
@@ -658,7 +658,7 @@ def _nonfinite_in(a, lo, hi):
     # ones: the largest masked exponent tells. The range is read as four interleaved streams
     # (quarters read side by side): one core keeps more reads in flight that way. Measured
     # against one stream: 11-13% faster over one 124M-element float32 array, 7% (median of
-    # five runs) over GPT-2's 148 gradients with fused_cpu.CHECK_CHUNK work items.
+    # five runs) over GPT-2's 148 gradients with runtime.CHECK_CHUNK work items.
     if isinstance(a.dtype, types.Integer):
         def impl(a, lo, hi):
             q = (hi - lo) // 4
