@@ -22,8 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/adamkit bench --suite quick --out runs/demo
 
+# -n auto: one test process per core; they share the on-disk kernel cache
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
