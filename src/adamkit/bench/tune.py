@@ -145,7 +145,8 @@ class Plan:
         hp.update(fixed)
         schedule_args = dict(self.schedule_args)
         for param in self.schedule_params:
-            schedule_args[param.target] = values[param.name]
+            if param.name in values:  # absent when only the fixed part is asked for (checks)
+                schedule_args[param.target] = values[param.name]
         return hp, schedule_args
 
     def suggest(self, trial) -> tuple[dict, dict]:
@@ -174,9 +175,30 @@ def _check_value(spec, hyperparameters: dict, what: str) -> None:
         raise UsageError(f"{what} is not valid for optimizer {spec.name!r}: {error}") from None
 
 
+def takes(spec: optim_names.OptimizerSpec, key: str) -> bool:
+    """Whether ``key`` (a --fix / --space key) means something for ``spec``."""
+    if key.startswith("schedule."):
+        return True
+    accepted = optim_names.constructor_defaults(spec)
+    if key in ("beta1", "beta2"):
+        return "betas" in accepted
+    params = optim_names.search_space(spec)
+    return key in accepted or any(key in (p.name, p.target) for p in params)
+
+
+def _key(item: str) -> str:
+    return item.partition("=")[0].strip().replace("-", "_")
+
+
 def make_plan(spec: optim_names.OptimizerSpec, config: TuneConfig, total_steps: int) -> Plan:
-    """The declared search space of ``spec`` with --fix and --space applied; UsageError on any bad key or bound."""
+    """The declared search space of ``spec`` with --fix and --space applied; UsageError on any bad key or bound.
+
+    With several optimizers, a key applies to those that take it (as ``adamkit bench``'s values do);
+    ``prepare`` has checked that at least one does. With one, a key it does not take is an error."""
     from .runner import build_schedule
+    if len(config.optimizers) > 1:
+        config = replace(config, fix=[i for i in config.fix if takes(spec, _key(i))],
+                         space=[i for i in config.space if takes(spec, _key(i))])
     accepted = optim_names.constructor_defaults(spec)
     params = {p.name: p for p in optim_names.search_space(spec)}
     by_target = {p.target: p.name for p in params.values()}
@@ -293,15 +315,31 @@ def open_storage(url: str):
     else:
         engine = {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                          grace_period=GRACE_PERIOD)
-    except ModuleNotFoundError as error:
-        raise UsageError(f"--storage {url}: the database driver is not installed ({error.name}); install it, "
-                         "e.g. pip install psycopg2-binary for postgresql:// or pymysql for mysql+pymysql://") from None
+        return _rdb_storage(optuna, url, engine)
+    except ImportError as error:  # Optuna wraps the driver's ModuleNotFoundError
+        cause = error.__cause__ if isinstance(error.__cause__, ModuleNotFoundError) else error
+        missing = getattr(cause, "name", None) or "its driver"
+        raise UsageError(f"--storage {url}: the database driver is not installed ({missing}); install it, "
+                         "e.g. pip install 'psycopg[binary]' for postgresql:// (or psycopg2-binary with "
+                         "postgresql+psycopg2://), pymysql for mysql+pymysql://") from None
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--storage {url}: cannot reach the storage ({message}); check that the server runs, "
                          "and the host, port, user, password and database name in the URL") from None
+
+
+def _rdb_storage(optuna, url: str, engine: dict, attempts: int = 4):
+    """RDBStorage, tried again when the first use of an empty database races with another process
+    creating the same tables (PostgreSQL reports a unique violation on the loser's CREATE TABLE)."""
+    import sqlalchemy.exc
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=dict(engine), heartbeat_interval=HEARTBEAT_INTERVAL,
+                                              grace_period=GRACE_PERIOD)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +427,12 @@ def prepare(config: TuneConfig) -> Prepared:
     if len({s.name for s in specs}) != len(specs):
         raise UsageError("--optimizers names an optimizer twice")
     steps = config.steps or workload.steps
+    if len(specs) > 1:
+        for flag, items in (("--fix", config.fix), ("--space", config.space)):
+            for item in items:
+                if not any(takes(spec, _key(item)) for spec in specs):
+                    raise UsageError(f"{flag} {item}: no chosen optimizer ({', '.join(s.name for s in specs)}) has "
+                                     f"the hyperparameter {_key(item)!r}")
     plans = []
     for spec in specs:
         plan = make_plan(spec, config, steps)
