@@ -330,3 +330,15 @@ def test_rerun_best_lands_in_a_results_file_that_report_reads(tmp_path, capsys):
     status, stdout, err = run(["report", str(out / "rerun-best"), "-q"], capsys)
     assert status == 0 and "rosenbrock" in stdout
     assert "Best configurations rerun" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("sampler, pruner", [("gp", "hyperband"), ("qmc", "none"), ("random", "median")])
+def test_every_sampler_and_pruner_runs(tmp_path, capsys, sampler, pruner):
+    out = tmp_path / sampler
+    status, _, err = run(["tune", "--workload", "rosenbrock", "--optimizers", "adam", "--trials", "2", "--steps", "15",
+                          "--sampler", sampler, "--pruner", pruner, "--seed", "0", "--no-report", "--out", str(out),
+                          *FAST], capsys)
+    assert status == 0, err
+    counts = states(f"sqlite:///{out / 'study.db'}", "rosenbrock:adam")
+    assert finished(counts) == 2 and counts[TrialState.FAIL] == 0
+    assert not (out / "report.md").exists()
