@@ -1,6 +1,6 @@
 """The ``adamkit`` command: argument parsing only; the work is in ``adamkit.bench.commands``.
 
-Subcommands: train, bench, landscape, report, speed. A subcommand's parser may carry
+Subcommands: train, bench, tune, landscape, report, speed. A subcommand's parser may carry
 ``set_defaults(handler=...)``, a function that takes the parsed arguments and returns the exit status
 (``speed`` does, with ``adamkit.bench.speed.run``); without a handler, ``main`` calls the function of
 ``adamkit.bench.commands`` named after the subcommand.
@@ -17,11 +17,17 @@ Compare the Adam family of optimizers on real training, offline.
 
   adamkit train --workload mlp-digits --optimizer adamw --lr 3e-3 --json run.json
   adamkit bench --suite quick --out runs/demo
+  adamkit tune --workload logreg-digits --optimizers sgdm,adam,adamw --trials 30 --out runs/tune
+  adamkit train --workload examples/my_workload.py:make --optimizer adamw
   adamkit landscape --function rosenbrock --optimizers adam,sgd,adabound --out rosenbrock.png
   adamkit report runs/demo
   adamkit speed --shapes gpt2 --scale 0.25 --compare
 
 `adamkit train --list` prints the workloads, optimizers and schedules."""
+
+WORKLOAD_HELP = ("a built-in workload name (see adamkit train --list) or your own: path/to/file.py:make or "
+                 "package.module:make, where make(seed) returns model, train_loader, val_loader and loss_fn "
+                 "(see examples/my_workload.py)")
 
 DATA_HELP = ("folder with the user-provided data sets: MNIST IDX files (train-images-idx3-ubyte[.gz], ...) "
              "and CIFAR-10's cifar-10-batches-py/ (default: $ADAMKIT_DATA_DIR or ~/.cache/adamkit/data)")
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train one workload with one optimizer",
         description="Train one workload with one optimizer, evaluating on a held-out split. Writes TensorBoard "
                     "scalars (--logdir), a JSON summary (--json) and atomic checkpoints (--checkpoint).")
-    train.add_argument("--workload", "-w", help="workload name (see --list)")
+    train.add_argument("--workload", "-w", help=WORKLOAD_HELP)
     train.add_argument("--optimizer", "-o", default="adam", help="optimizer name (default: adam; see --list)")
     train.add_argument("--list", action="store_true", help="list workloads, optimizers and schedules, then exit")
     _add_hyperparameters(
@@ -115,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "offline workload incl. charlm, every dense optimizer, 5 seeds; paper: MNIST and "
                             "CIFAR-10 (needs --data-dir)")
     bench.add_argument("--workloads", metavar="A,B",
-                       help="workloads instead of the suite's (the suite still sets the other defaults)")
+                       help="workloads instead of the suite's (the suite still sets the other defaults); built-in "
+                            "names or your own FILE.py:make / package.module:make")
     bench.add_argument("--optimizers", metavar="A,B", help="optimizers instead of the suite's")
     bench.add_argument("--seeds", metavar="N|A,B", help="number of seeds (from 0) or a list of seeds")
     bench.add_argument("--out", metavar="DIR", help="output folder (default: runs/<suite>)")
@@ -134,6 +141,60 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
     _add_common(bench, "torch intra-op threads per run (default 1: small models run best on one thread "
                        "per process)")
+
+    # tune -----------------------------------------------------------------------------------
+    tune = sub.add_parser(
+        "tune", help="Bayesian hyperparameter search per optimizer (Optuna)",
+        description="Tune each optimizer's hyperparameters on one workload with Optuna: one study per optimizer, "
+                    "named WORKLOAD:OPTIMIZER, in DIR/study.db (SQLite) or --storage URL. Rerunning the same "
+                    "command continues the studies until each has --trials finished (complete or pruned) "
+                    "trials; trials of a killed process are marked failed. Prints a table and writes "
+                    "DIR/report.md, DIR/report.html and DIR/figures/tune-*.png. Needs the [tune] extra.",
+        epilog="Search spaces are declared per optimizer (see adamkit.bench.optimizers.SEARCH_SPACES): lr "
+               "log-uniform over [default/100, default*100], one_minus_beta1/one_minus_beta2 (1 - beta, log scale), "
+               "weight_decay log-uniform with a switch for 0 (weight_decay_on), eps, and each optimizer's own "
+               "knobs. Example: adamkit tune --workload logreg-digits --optimizers sgdm,adam,adamw --trials 30 "
+               "--out runs/tune")
+    tune.add_argument("--workload", "-w", help=WORKLOAD_HELP)
+    tune.add_argument("--optimizers", "-o", required=True, metavar="A,B", help="optimizers to tune, one study each")
+    tune.add_argument("--trials", type=int, default=30,
+                      help="finished (complete or pruned) trials per study, counting every process's (default 30)")
+    tune.add_argument("--out", required=True, metavar="DIR", help="report folder; the studies are in DIR/study.db "
+                      "unless --storage")
+    tune.add_argument("--storage", metavar="URL",
+                      help="any Optuna RDB URL (sqlite:///FILE.db, postgresql://USER:PASSWORD@HOST:PORT/DB, "
+                           "mysql+pymysql://...) or journal:FILE; several adamkit tune processes, on several "
+                           "machines, can share one")
+    search = tune.add_argument_group("search")
+    search.add_argument("--space", action="append", metavar="KEY=LOW:HIGH[:log]",
+                        help="search KEY between LOW and HIGH instead of the declared range (repeatable); beta1=0.8:0.99 "
+                             "bounds beta1 itself (searched as 1 - beta1), schedule.KEY searches a --schedule "
+                             "argument (integers if both bounds are)")
+    search.add_argument("--fix", action="append", metavar="KEY=VALUE",
+                        help="fix a hyperparameter instead of searching it (repeatable): --fix weight_decay=0 "
+                             "--fix backend=reference")
+    search.add_argument("--schedule", metavar="NAME", help="a learning-rate schedule from adamkit.schedules")
+    search.add_argument("--schedule-arg", action="append", metavar="KEY=VALUE", help="fixed schedule argument")
+    search.add_argument("--sampler", default="tpe", choices=["tpe", "gp", "random", "qmc"],
+                        help="tpe (default: multivariate TPE), gp (Gaussian process), random, qmc (Sobol)")
+    search.add_argument("--seed", type=int, help="sampler seed: the same seed gives the same trials in one process "
+                        "(worker K uses seed + K)")
+    search.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
+                        help="stop unpromising trials from their intermediate held-out metric (default: median)")
+    search.add_argument("--metric", default="loss",
+                        help="the objective: a held-out metric at the end of the budget (default loss; accuracy, "
+                             "precision, recall and f1 are maximized, every other metric minimized)")
+    search.add_argument("--max-failures", type=int, metavar="N",
+                        help="stop a study after N failed trials (default: --trials)")
+    run = tune.add_argument_group("runs")
+    run.add_argument("--steps", type=int, help="budget of every trial (default: the workload's)")
+    run.add_argument("--train-seed", type=int, default=0, help="training seed of every trial (default 0)")
+    run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    run.add_argument("--rerun-best", type=int, default=0, metavar="S",
+                     help="train each optimizer's best configuration with S seeds through the bench runner "
+                          "(DIR/rerun-best/results.jsonl, read by adamkit report)")
+    run.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
+    _add_common(tune, "torch intra-op threads per trial (default 1)")
 
     # landscape ------------------------------------------------------------------------------
     landscape = sub.add_parser(

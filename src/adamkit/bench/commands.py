@@ -166,3 +166,39 @@ def report(args) -> int:
     if not args.quiet:
         print(f"report: {paths['markdown']} and {paths['html']} ({len(paths['figures'])} figures)", file=sys.stderr)
     return 0
+
+
+def tune(args) -> int:
+    from .optimizers import parse_assignments
+    from .tune import TuneConfig, run_tune
+    if not args.workload:
+        raise UsageError("--workload is required: a built-in name (adamkit train --list) or FILE.py:make")
+    config = TuneConfig(
+        workload=args.workload, optimizers=_names(args.optimizers) or [], trials=args.trials, out=args.out,
+        storage=args.storage, sampler=args.sampler, seed=args.seed, pruner=args.pruner, metric=args.metric,
+        space=list(args.space or []), fix=list(args.fix or []), schedule=args.schedule,
+        schedule_args=parse_assignments(args.schedule_arg, "--schedule-arg"), steps=args.steps,
+        train_seed=args.train_seed, workers=args.workers, threads=args.threads or 1, max_failures=args.max_failures,
+        device=args.device, data_dir=args.data_dir, download=args.download, quiet=args.quiet, rerun_best=args.rerun_best,
+        report=not args.no_report,
+    )
+    try:
+        result = run_tune(config)
+    except KeyboardInterrupt:
+        print(f"\nadamkit tune: interrupted; finished trials are in {config.storage or config.out + '/study.db'}. "
+              "Rerun the same command to continue.", file=sys.stderr)
+        return 130
+    print(result["table"])
+    log = _log(args.quiet)
+    log(f"{result['elapsed_s']:.1f} s; studies in {result['storage']}")
+    if "report" in result:
+        log(f"report: {result['report']['markdown']} and {result['report']['html']} "
+            f"({len(result['report']['figures'])} figures)")
+    if result.get("rerun"):
+        log(f"best configurations rerun: {result['rerun']['out']}/results.jsonl")
+        if result["rerun"]["failures"]:
+            print(f"adamkit tune: {len(result['rerun']['failures'])} rerun(s) failed:", file=sys.stderr)
+            for failure in result["rerun"]["failures"]:
+                print("  " + failure, file=sys.stderr)
+            return 1
+    return 0

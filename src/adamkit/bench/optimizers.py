@@ -190,3 +190,105 @@ def lr_grid(center: float, points: int = 5, decades: float = 2.0) -> list[float]
         return [float(center)]
     step = decades / (points - 1)
     return [float(f"{center * 10 ** (-decades / 2 + i * step):.6g}") for i in range(points)]
+
+
+# --------------------------------------------------------------------------------------------
+# Search spaces for `adamkit tune`, one per optimizer name, beside the names above
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched hyperparameter of ``adamkit tune``.
+
+    ``name`` is the Optuna parameter (and the ``--space`` / ``--fix`` key); ``argument`` the
+    constructor argument it sets (``beta1`` / ``beta2`` / ``beta3`` are the entries of ``betas``
+    or AdaMod's ``beta3``). With ``one_minus`` the sampled value v sets the argument to 1 - v, so
+    that a log scale over v resolves 0.9, 0.99 and 0.999 alike. With ``switch`` a boolean
+    ``<name>_on`` decides between 0 and the sampled value (weight decay). ``kind`` is "float",
+    "int" or "bool" (``low`` and ``high`` unused).
+    """
+
+    name: str
+    low: float = 0.0
+    high: float = 1.0
+    log: bool = False
+    kind: str = "float"
+    argument: str | None = None
+    one_minus: bool = False
+    switch: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.argument or self.name
+
+    def describe(self) -> str:
+        if self.kind == "bool":
+            return f"{self.name} in {{False, True}}"
+        text = f"{self.name} in [{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+        if self.one_minus:
+            text += f" (= 1 - {self.target})"
+        if self.switch:
+            text += f" or 0 ({self.name}_on)"
+        return text
+
+
+def _one_minus(argument: str, low: float, high: float) -> SearchParam:
+    return SearchParam(f"one_minus_{argument}", low, high, log=True, argument=argument, one_minus=True)
+
+
+_BETA1 = _one_minus("beta1", 1e-2, 0.5)       # beta1 in [0.5, 0.99]
+_BETA2 = _one_minus("beta2", 1e-4, 1e-1)      # beta2 in [0.9, 0.9999]
+_WD_COUPLED = SearchParam("weight_decay", 1e-6, 1e-2, log=True, switch=True)    # L2 added to the gradient
+_WD_DECOUPLED = SearchParam("weight_decay", 1e-5, 1.0, log=True, switch=True)   # p <- p (1 - lr wd)
+_MOMENTUM = _one_minus("momentum", 1e-2, 0.5)  # momentum in [0.5, 0.99]
+_ADAM = (_BETA1, _BETA2, "eps", _WD_COUPLED)
+
+# Per optimizer name: what is searched besides the learning rate (log-uniform over
+# [default / 100, default * 100]); "eps" is log-uniform over [default / 100, default * 1e4].
+SEARCH_SPACES: dict[str, tuple] = {
+    "sgd": (_WD_COUPLED,),
+    "sgdm": (_MOMENTUM, SearchParam("nesterov", kind="bool"), _WD_COUPLED),
+    "sgdn": (_MOMENTUM, _WD_COUPLED),
+    "adagrad": ("eps", _WD_COUPLED),
+    "rmsprop": (_one_minus("alpha", 1e-3, 1e-1), "eps", SearchParam("momentum", 0.0, 0.9),
+                SearchParam("centered", kind="bool"), _WD_COUPLED),
+    "adam": _ADAM,
+    "amsgrad": _ADAM,
+    "radam": _ADAM,
+    "adamax": _ADAM,
+    "nadam": _ADAM + (SearchParam("momentum_decay", 1e-4, 1e-2, log=True),),
+    "adamw": (_BETA1, _BETA2, "eps", _WD_DECOUPLED),
+    "adabound": _ADAM + (SearchParam("final_lr", 1e-3, 1.0, log=True), SearchParam("gamma", 1e-4, 1e-1, log=True)),
+    "amsbound": _ADAM + (SearchParam("final_lr", 1e-3, 1.0, log=True), SearchParam("gamma", 1e-4, 1e-1, log=True)),
+    "adamod": _ADAM + (_one_minus("beta3", 1e-4, 1e-1),),
+    "adabelief": (_BETA1, _BETA2, "eps", _WD_DECOUPLED),
+    "lion": (_one_minus("beta1", 1e-2, 0.5), _one_minus("beta2", 1e-3, 1e-1), _WD_DECOUPLED),
+    "fadam": (_BETA1, _BETA2, "eps", _WD_DECOUPLED),
+    "adafactor": (SearchParam("beta2_decay", -1.0, -0.5), _WD_DECOUPLED),
+}
+
+# Optimizers whose weight decay is decoupled (p <- p (1 - lr wd)); tune draws lr x wd contours for them.
+DECOUPLED_DECAY = {"adamw", "adabelief", "lion", "fadam", "adafactor"}
+
+
+def search_space(spec: OptimizerSpec) -> list[SearchParam]:
+    """The default search space of ``spec``: the learning rate first, then its own knobs."""
+    if spec.name not in SEARCH_SPACES:
+        raise UsageError(f"optimizer {spec.name!r} has no search space for `adamkit tune`; tunable: "
+                         + ", ".join(sorted(SEARCH_SPACES)))
+    defaults = constructor_defaults(spec)
+    lr = default_lr(spec)
+    space = [SearchParam("lr", lr / 100, lr * 100, log=True)]
+    for entry in SEARCH_SPACES[spec.name]:
+        if entry == "eps":
+            eps = float(defaults["eps"])
+            entry = SearchParam("eps", eps / 100, eps * 1e4, log=True)
+        space.append(entry)
+    return space
+
+
+def decoupled_decay(spec: OptimizerSpec, hyperparameters: dict) -> bool:
+    """Whether weight decay is decoupled for ``spec`` with these constructor arguments."""
+    if spec.name in DECOUPLED_DECAY:
+        return bool(hyperparameters.get("decoupled_weight_decay", True))
+    return bool(hyperparameters.get("decoupled_weight_decay", spec.preset.get("decoupled_weight_decay", False)))

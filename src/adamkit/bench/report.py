@@ -21,6 +21,7 @@ from pathlib import Path
 from . import workloads as workload_registry
 from .errors import UsageError
 from .suite import RESULTS, read_results
+from .userworkload import file_safe
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def generate(out: str | os.PathLike, log=None) -> dict:
             if workload == "reddi":
                 blocks.append(("p", reddi_sentence(rows)))
             for kind, plot in (("curves", plot_curves), ("ttt", plot_time_to_target)):
-                path = figures / f"{kind}-{workload}.png"
+                path = figures / f"{kind}-{file_safe(workload)}.png"
                 plot(rows, workload, path)
                 written.append(path)
                 blocks.append(("img", (path.relative_to(out).as_posix(), f"{kind} {workload}")))
@@ -398,7 +399,7 @@ def generate(out: str | os.PathLike, log=None) -> dict:
             blocks.append(("p", "No final runs yet."))
         if sweeps.get(workload):
             chosen = {row["optimizer"]: row["lr"] for row in rows}
-            path = figures / f"lr-{workload}.png"
+            path = figures / f"lr-{file_safe(workload)}.png"
             plot_lr_sensitivity(sweeps[workload], chosen, workload, path)
             written.append(path)
             blocks.append(("img", (path.relative_to(out).as_posix(), f"learning-rate sensitivity {workload}")))

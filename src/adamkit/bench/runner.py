@@ -137,6 +137,8 @@ def prepare(config: TrainConfig) -> PreparedRun:
         if config.epochs <= 0:
             raise UsageError(f"--epochs must be positive, got {config.epochs}")
     if config.batch_size is not None:
+        if workload.builder_is_user():
+            raise UsageError(f"workload {workload.name!r} brings its own train_loader: set the batch size there")
         if workload.kind == "function":
             raise UsageError(f"workload {workload.name!r} has no data set, so --batch-size does not apply")
         if config.batch_size < 1:
@@ -347,23 +349,25 @@ def _progress_bar(total: int, initial: int, enabled: bool, description: str):
 # The run
 # --------------------------------------------------------------------------------------------
 
-def run_training(config: TrainConfig, *, on_step=None, prepared: PreparedRun | None = None) -> dict:
+def run_training(config: TrainConfig, *, on_step=None, on_evaluate=None, prepared: PreparedRun | None = None) -> dict:
     """Train once and return the summary (also written to ``config.json_path`` if given).
 
     ``on_step(step, total)`` is called after every completed step (the progress bar uses the same
-    information). Raises UsageError on bad input before any training.
+    information); ``on_evaluate(step, metrics)`` after every held-out evaluation, step 0 included
+    (``adamkit tune`` reports to its pruner there; an exception it raises ends the run). Raises
+    UsageError on bad input before any training.
     """
     run = prepared or prepare(config)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _train(run, config, on_step)
+        return _train(run, config, on_step, on_evaluate)
     finally:
         torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
-def _train(run: PreparedRun, config: TrainConfig, on_step) -> dict:
+def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> dict:
     c = config
     wall_start = time.perf_counter()
 
@@ -380,6 +384,9 @@ def _train(run: PreparedRun, config: TrainConfig, on_step) -> dict:
     if c.steps is not None:
         total = int(c.steps)
     elif c.epochs is not None:
+        if task.steps_per_epoch is None:
+            raise UsageError(f"workload {run.workload.name!r}: train_loader has no length, so --epochs does not "
+                             "apply; use --steps")
         total = max(1, int(math.ceil(c.epochs * task.steps_per_epoch)))
     else:
         total = run.workload.steps
@@ -458,6 +465,8 @@ def _train(run: PreparedRun, config: TrainConfig, on_step) -> dict:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     writer.add_scalar(f"val/{key}", value, step)
+        if on_evaluate is not None:
+            on_evaluate(step, metrics)
         return metrics
 
     previous_wall = state["wall_time_s"]

@@ -72,6 +72,8 @@ class BenchConfig:
     seeds: list[int] | None = None          # None: the suite's count, from 0
     lr: float | None = None                 # fixes the learning rate for every optimizer (no sweep)
     hyperparameters: dict = field(default_factory=dict)  # applied to the optimizers that have them
+    schedule: str | None = None             # None: each workload's own (if any)
+    schedule_args: dict = field(default_factory=dict)
     steps: int | None = None                # overrides every workload's budget
     batch_size: int | None = None
     sweep_points: int = 5
@@ -158,11 +160,16 @@ class RunSpec:
     device: str
     threads: int | None
     protocol: dict = field(default_factory=dict)   # recorded with the run; not part of its identity
+    schedule: str | None = None
+    schedule_args: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
-        return {"phase": self.phase, "workload": self.workload, "optimizer": self.optimizer,
-                "hyperparameters": optim_names.to_json(sorted(self.hyperparameters.items())),
-                "seed": self.seed, "steps": self.steps, "batch_size": self.batch_size}
+        identity = {"phase": self.phase, "workload": self.workload, "optimizer": self.optimizer,
+                    "hyperparameters": optim_names.to_json(sorted(self.hyperparameters.items())),
+                    "seed": self.seed, "steps": self.steps, "batch_size": self.batch_size}
+        if self.schedule is not None:  # only then, so that the keys of earlier runs stay the same
+            identity["schedule"] = [self.schedule, optim_names.to_json(sorted(self.schedule_args.items()))]
+        return identity
 
     @property
     def key(self) -> str:
@@ -173,13 +180,14 @@ class RunSpec:
         return float(self.hyperparameters["lr"])
 
     def name(self) -> str:
-        return f"{self.workload}/{self.optimizer}/{self.phase}-lr{self.lr:g}-seed{self.seed}-{self.key[:6]}"
+        from .userworkload import file_safe
+        return f"{file_safe(self.workload)}/{self.optimizer}/{self.phase}-lr{self.lr:g}-seed{self.seed}-{self.key[:6]}"
 
 
 def _config(spec: RunSpec, logdir: str | None):
     from .runner import TrainConfig
     return TrainConfig(workload=spec.workload, optimizer=spec.optimizer, hyperparameters=dict(spec.hyperparameters),
-                       steps=spec.steps, batch_size=spec.batch_size, seed=spec.seed, logdir=logdir, quiet=True,
+                       schedule=spec.schedule, schedule_args=dict(spec.schedule_args), steps=spec.steps, batch_size=spec.batch_size, seed=spec.seed, logdir=logdir, quiet=True,
                        data_dir=spec.data_dir, download=spec.download, device=spec.device, threads=spec.threads)
 
 
@@ -368,6 +376,7 @@ def _preflight(config: BenchConfig, combos: list[Combination]) -> None:
         batch_size = config.batch_size if combo.workload.kind == "model" else None
         run = prepare(TrainConfig(workload=combo.workload.name, optimizer=combo.spec.name,
                                   hyperparameters=hyperparameters, steps=config.steps, batch_size=batch_size,
+                                  schedule=config.schedule, schedule_args=dict(config.schedule_args),
                                   data_dir=config.data_dir, download=config.download, device=config.device))
         optim_names.create(combo.spec, [torch.zeros(2, requires_grad=True)], run.hyperparameters)
 
@@ -417,7 +426,8 @@ def run_bench(config: BenchConfig, log=None) -> dict:
                        hyperparameters={**combo.hyperparameters, "lr": lr}, seed=seed, steps=steps,
                        batch_size=config.batch_size if combo.workload.kind == "model" else None,
                        lr_source=combo.lr_source, data_dir=config.data_dir, download=config.download,
-                       device=config.device, threads=config.threads, protocol=protocol)
+                       device=config.device, threads=config.threads, protocol=protocol,
+                       schedule=config.schedule, schedule_args=dict(config.schedule_args))
 
     def sweep_spec(combo, lr):
         steps = max(1, int(round(budget(combo.workload) * fraction)))

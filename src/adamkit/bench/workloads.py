@@ -11,6 +11,7 @@ Built in and offline:
   logreg-digits, mlp-digits, cnn-digits   scikit-learn's 8x8 digits
   mlp-mnist1d                   MNIST-1D-style signals generated locally
   charlm                        character-level transformer on the Python standard library's source
+The user's own: FILE.py:make or package.module:make (see ``userworkload``).
 With data the user provides (--data-dir, or --download when online):
   logreg-mnist, mlp-mnist       Kingma & Ba (2015) §6.1 and §6.2 on MNIST
   cnn-cifar10                   Kingma & Ba (2015) §6.3 c64-c64-c128-1000 on CIFAR-10
@@ -46,6 +47,8 @@ class Target:
         return value <= self.value if self.mode == "min" else value >= self.value
 
     def describe(self) -> str:
+        if not math.isfinite(self.value):
+            return "none set"
         return f"{self.metric} {'<=' if self.mode == 'min' else '>='} {self.value:g}"
 
 
@@ -81,6 +84,11 @@ class Workload:
     report_metrics: tuple[str, ...] = ()  # shown beside the held-out loss in leaderboards
     takes_data_file: bool = False
     reference: str = ""
+
+    def builder_is_user(self) -> bool:
+        """Whether this is the user's own ``FILE.py:make`` workload (it brings its own loaders)."""
+        from .userworkload import is_user_workload
+        return is_user_workload(self.name)
 
     def build(self, context: BuildContext) -> Task:
         return self.builder(self, context)
@@ -251,8 +259,13 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Workload:
-    """The workload called ``name``; UsageError listing the valid names otherwise."""
+    """The workload called ``name``, or the user's own for ``FILE.py:make`` / ``module:make``
+    (``userworkload.load``); UsageError listing the valid names otherwise."""
+    from . import userworkload
+    if userworkload.is_user_workload(name):
+        return userworkload.load(name.strip())
     key = name.strip().lower()
     if key not in WORKLOADS:
-        raise UsageError(f"unknown workload {name!r}; valid workloads: {', '.join(WORKLOADS)}")
+        raise UsageError(f"unknown workload {name!r}; valid workloads: {', '.join(WORKLOADS)}, "
+                         "or your own as FILE.py:make or package.module:make")
     return WORKLOADS[key]
