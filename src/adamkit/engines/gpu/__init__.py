@@ -19,6 +19,7 @@ tests run without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,6 +50,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_RECORDING = False
+
+
+@contextlib.contextmanager
+def _recording():
+    """Accept any device while kernels are recorded, not run (``adamkit kernels``)."""
+    global _RECORDING
+    _RECORDING, saved = True, _RECORDING
+    try:
+        yield
+    finally:
+        _RECORDING = saved
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -56,7 +71,7 @@ def device_reason(t: torch.Tensor) -> str | None:
     """Why Triton cannot run on ``t``'s device (None: it can)."""
     if t.is_cuda:
         return None
-    if t.device.type == "cpu" and interpreting():
+    if t.device.type == "cpu" and (interpreting() or _RECORDING):
         return None
     return (f"it is on {t.device.type}, and Triton runs on CUDA tensors (CPU tensors only "
             "with TRITON_INTERPRET=1, Triton's interpreter)")

@@ -283,17 +283,56 @@ def _run_generators(programs: list, queue: KernelQueue) -> None:
         active = waiting
 
 
-def step(opt) -> None:
-    """``opt.step()`` on the Triton engine (see the package docstring)."""
+class _RecordingQueue(KernelQueue):
+    """A queue that records the kernels a step needs instead of running them (sums are 1)."""
+
+    def __init__(self, skip: bool):
+        super().__init__(None)
+        self.skip = skip
+        self.specs: list = []
+
+    def flush(self) -> None:
+        launches, self.launches = self.launches, {}
+        for spec, launch in launches.items():
+            if spec + (self.skip,) not in self.specs:
+                self.specs.append(spec + (self.skip,))
+            for row in launch.rows:
+                if row["pending"] is not None:
+                    row["pending"].value = [1.0] * spec[4]
+
+
+def record_step(opt) -> list[tuple]:
+    """The kernels (engine specs plus the skip flag) one step of ``opt`` launches, on any
+    device and without running them; ``opt``'s state is restored afterwards."""
+    import copy
+
+    from . import _recording
+
+    saved = copy.deepcopy(opt.state_dict())
+    queue = _RecordingQueue(opt.on_nonfinite == "skip")
+    with _recording(), torch.no_grad():
+        try:
+            step(opt, queue)
+        finally:
+            opt.load_state_dict(saved)
+    return queue.specs
+
+
+def step(opt, queue: KernelQueue | None = None) -> None:
+    """``opt.step()`` on the Triton engine (see the package docstring); ``queue`` replaces
+    the one the step would make (recording)."""
     from ... import storage
     from . import unsupported_reason
 
-    if opt.on_nonfinite == "raise" and not opt._gradients_finite():
+    recording = isinstance(queue, _RecordingQueue)
+    if opt.on_nonfinite == "raise" and not recording and not opt._gradients_finite():
         return
     opt._steps_taken = getattr(opt, "_steps_taken", 0) + 1
     skip = opt.on_nonfinite == "skip"
     grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
     dense = [g for g in grads if not g.is_sparse and g.dtype in KINDS and g.is_contiguous()]
+    if recording:
+        skip = False
     if skip and len(dense) < len(grads):  # other tensors: decided on the host
         if not opt._gradients_finite():
             return
@@ -302,7 +341,7 @@ def step(opt) -> None:
     if skip and dense:
         found = torch.zeros(1, dtype=torch.int32, device=dense[0].device)
         mark_nonfinite(dense, found)
-    queue = KernelQueue(found)
+    queue = queue if queue is not None else KernelQueue(found)
     generator = inspect.isgeneratorfunction(type(opt).apply)
     pending = opt._pending_steps = []
     snapshots = []  # (state, copy) to restore if the step is skipped
@@ -361,7 +400,7 @@ def step(opt) -> None:
                     f"{type(opt).__name__}: a gradient holds NaN or Inf; the step was skipped "
                     "(on_nonfinite='skip'). Further skips are counted in "
                     "optimizer.skipped_steps without warning.", RuntimeWarning, stacklevel=3)
-        else:
+        elif not recording:
             for q, values, seed in finishing:
                 q.copy_(values, seed=seed)
     finally:
