@@ -36,7 +36,7 @@ BLOCK = 1024
 NUM_WARPS = 4
 ARRAY_KINDS = {"f32": "tl.float32", "b16": "tl.bfloat16", "f16": "tl.float16"}
 #: version of the generated text; part of every module's name
-_VERSION = "1"
+_VERSION = "2"
 
 _OPS_MODULE = "adamkit.engines.ops"
 _TRITON_OPS = "adamkit.engines.gpu.triton_ops"
@@ -141,7 +141,7 @@ def kernel_source(fn: Callable, fields: Sequence[str], kinds: Sequence[str],
         "    idx = tl.load(prog_off + pid) + tl.arange(0, BLOCK)",
         "    m = idx < n",
         "    if SKIP:",
-        "        m = m & (tl.load(found) == 0)",
+        "        m = m & (tl.load(found + idx * 0) == 0)",
     ]
     body += [f"    s_{f} = tl.load(svs + t * NF + {i})" for i, f in enumerate(fields)]
     call = []
@@ -170,6 +170,13 @@ def kernel_source(fn: Callable, fields: Sequence[str], kinds: Sequence[str],
                 "        up = (((bits + word) >> 16) << 16).to(tl.uint32).to(tl.float32, "
                 "bitcast=True)",
                 f"        v{k} = tl.where(v{k} != v{k}, v{k}, up)",
+                "    else:",
+                # to nearest even in integer arithmetic, as the CPU engine's bf16_encode (the
+                # interpreter's float conversion truncates); the conversion below is exact
+                f"        bits = v{k}.to(tl.uint32, bitcast=True).to(tl.int64)",
+                "        near = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.uint32)"
+                ".to(tl.float32, bitcast=True)",
+                f"        v{k} = tl.where(v{k} != v{k}, v{k}, near)",
                 f"    tl.store(a{j} + idx, v{k}.to(tl.bfloat16), mask=m)",
             ]
         else:
