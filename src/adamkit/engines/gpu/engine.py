@@ -190,15 +190,14 @@ class TritonEngine:
         return self._reference.map(fn, s, loaded, outs, n_sums)
 
     def map(self, fn: Callable, s, ins: Sequence, outs: Sequence, n_sums: int = 0):
-        kinds, addresses, numbers, size, device = [], [], [], None, None
+        kinds, addresses, numbers, size, shape, device = [], [], [], None, None, None
         for t in ins:
             if t is None:
                 kinds.append("none")
             elif isinstance(t, Tensor):
                 kind = KINDS.get(t.dtype)
-                if kind is None or not t.is_contiguous() or (size is not None
-                                                             and t.numel() != size) \
-                        or (size is not None and t.shape != shape):
+                if kind is None or not t.is_contiguous() or (shape is not None
+                                                             and t.shape != shape):
                     return self._fallback(fn, s, ins, outs, n_sums)
                 size, shape, device = t.numel(), t.shape, t.device
                 kinds.append(kind)
