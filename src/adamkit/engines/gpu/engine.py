@@ -140,7 +140,8 @@ def _run(launch: _Launch, found: Tensor | None) -> None:
                                          dtype=torch.float64).to(device))
     kernel[(programs,)](svs, ns, prog_t, prog_off, bh, part, flag, *operands,
                         NF=nf, NS=ns_, NB=nb, SKIP=found is not None, SR=sr,
-                        BLOCK=codegen.BLOCK, num_warps=codegen.NUM_WARPS)
+                        BLOCK=codegen.BLOCK, num_warps=codegen.NUM_WARPS,
+                        enable_fp_fusion=False)  # no FMA contraction: torch's rounding
     if n_sums:
         totals = torch.zeros(len(rows), ns_, dtype=torch.float64, device=device)
         totals.index_add_(0, prog_t.long(), part.view(programs, ns_).double())
