@@ -233,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "machine's measured copy and read bandwidth.")
     speed_module.add_arguments(speed)
     speed.set_defaults(handler=speed_module.run)
+
+    # kernels --------------------------------------------------------------------------------
+    from adamkit.bench import kernels as kernels_module
+    kernels = sub.add_parser(
+        "kernels", help="compile every GPU kernel ahead of time; registers and spills",
+        description="Compile, ahead of time and without a GPU, every Triton kernel that the "
+                    "optimizers x parameter dtypes x state storages need, and print one row per "
+                    "kernel: rule, configuration, registers, spills, shared memory, compile "
+                    "time. Exit status 1 if any kernel fails to compile.")
+    kernels_module.add_arguments(kernels)
+    kernels.set_defaults(handler=kernels_module.main)
     return parser
 
 

@@ -40,6 +40,7 @@ import torch
 
 from . import storage, validation
 from .engines import cpu as fused_cpu
+from .engines import gpu as triton_gpu
 from .engines.cohort import _GroupLockstepPlan
 from .engines.plans import (_SEED_MASK, _SEED_STEP, _GroupPlan,
                             _LockstepPlan, _Plan, _run_to_end, _seed_base, _vectorizes)
@@ -48,7 +49,7 @@ from .storage import BlockQuantized
 
 Tensor = torch.Tensor
 
-BACKENDS = ("auto", "fused", "reference")
+BACKENDS = ("auto", "fused", "reference", "triton")
 STATE_DTYPES = (None, "float32", "bfloat16", "int8")
 ON_NONFINITE = ("apply", "skip", "raise")
 _STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,9 +66,12 @@ class Optimizer(torch.optim.Optimizer):
     Args common to all optimizers (keyword-only):
         backend: ``"auto"`` (the fastest engine that can run: the fused CPU engine for
             contiguous float32/float64/bfloat16 CPU tensors when numba is installed, the
-            reference engine otherwise), ``"reference"`` (torch ops on whole tensors, any
-            device) or ``"fused"`` (a ``ValueError`` where it cannot run: without numba, or for
-            CUDA, complex or non-contiguous parameters).
+            reference engine otherwise; the Triton engine for CUDA parameters when Triton is
+            installed), ``"reference"`` (torch ops on whole tensors, any device),
+            ``"fused"`` (a ``ValueError`` where it cannot run: without numba, or for CUDA,
+            complex or non-contiguous parameters) or ``"triton"`` (generated Triton kernels,
+            :mod:`adamkit.engines.gpu`: CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``; a ``ValueError`` without Triton).
         state_dtype: ``None`` keeps state in the parameter's dtype (torch's behaviour);
             ``"float32"`` or ``"bfloat16"`` store it in that dtype (the rule still computes in
             float32, float64 for float64 parameters); ``"int8"`` keeps state of 4096 elements
@@ -199,6 +203,8 @@ class Optimizer(torch.optim.Optimizer):
                 f"({fused_cpu.unavailable_reason()}); install adamkit[fused] or use "
                 "backend='auto'"
             )
+        if backend == "triton":
+            triton_gpu.check_backend()
         self.backend = backend
         self.state_dtype = state_dtype
         self.on_nonfinite = on_nonfinite
@@ -266,6 +272,9 @@ class Optimizer(torch.optim.Optimizer):
                         f"state_dtype={self.state_dtype!r} is not supported for complex "
                         "parameters; use state_dtype=None"
                     )
+                if self.backend == "triton":
+                    triton_gpu.check_param(p, f"parameter {i} of param group "
+                                              f"{len(self.param_groups) - 1}")
                 if self.backend == "fused":
                     reason = fused_cpu.unsupported_reason(p)
                     if reason is not None:
@@ -290,6 +299,9 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if triton_gpu.chosen(self):  # one launch per kernel for the step (engines/gpu)
+            triton_gpu.step(self)
+            return loss
         if self.on_nonfinite != "apply" and not self._gradients_finite():
             return loss
         self._steps_taken = getattr(self, "_steps_taken", 0) + 1
