@@ -55,6 +55,10 @@ ON_NONFINITE = ("apply", "skip", "raise")
 _STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+#: keys of torch.optim's param groups that select its implementation (adamkit's is ``backend``)
+_TORCH_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def scalar_dtype() -> torch.dtype:
     """dtype of the ``step`` counter tensor, as torch.optim chooses it."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -123,6 +127,17 @@ class Optimizer(torch.optim.Optimizer):
     requires_sparse: ClassVar[bool] = False
     #: how the algorithm accepts sparse gradients, for error messages ("" = it does not)
     sparse_note: ClassVar[str] = ""
+    #: sparse *parameters* (not only gradients) are updated by evaluating ``update`` with
+    #: torch's sparse tensor arithmetic, as torch's own loop does (SGD); others reject them
+    #: when the param group is added
+    sparse_params: ClassVar[bool] = False
+    #: how ``state["step"]`` is kept: ``"tensor"`` (a 0-dim tensor, as torch), ``"int"``
+    #: (SparseAdam, as torch) or ``"none"`` (SGD keeps no step, and no state at all without
+    #: momentum: no empty entry is left in ``self.state``, as torch)
+    step_kind: ClassVar[str] = "tensor"
+    #: param group flags that define the class (AdamW's ``decoupled_weight_decay=True``): they
+    #: are the class's, whatever a loaded checkpoint says, as torch's AdamW does
+    class_flags: ClassVar[dict[str, Any]] = {}
 
     def state_slots(self, group: dict, p: Tensor) -> tuple[str, ...]:
         """The slots this group keeps for ``p`` (default: all of ``slot_names``)."""
@@ -197,11 +212,17 @@ class Optimizer(torch.optim.Optimizer):
         validation.flag("stochastic_rounding", stochastic_rounding)
         validation.choice(*STATE_DTYPES)("state_dtype", state_dtype)
         validation.choice(*ON_NONFINITE)("on_nonfinite", on_nonfinite)
+        # hyperparameters are checked before ``params`` is read (as torch does): a bad value
+        # is reported as such even when the parameters are bad too
+        for name, check in self.checks.items():
+            if name in defaults:
+                check(name, defaults[name])
+        self.validate_group(defaults)
         if backend == "fused" and not fused_cpu.available():
             raise ValueError(
                 "backend='fused' needs numba, which could not be imported "
-                f"({fused_cpu.unavailable_reason()}); install adamkit[fused] or use "
-                "backend='auto'"
+                f"({fused_cpu.unavailable_reason()}); numba is a dependency of adamkit: "
+                "reinstall it (pip install numba) or use backend='auto'"
             )
         if backend == "triton":
             triton_gpu.check_backend()
@@ -211,6 +232,8 @@ class Optimizer(torch.optim.Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self.skipped_steps = 0
         self._warned_nonfinite = False
+        #: the engines that have updated this optimizer's parameters ("fused", "reference")
+        self.engines_used: set[str] = set()
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict:
@@ -237,11 +260,31 @@ class Optimizer(torch.optim.Optimizer):
                 state.pop(attr, None)
         if not hasattr(self, "_warned_nonfinite"):
             self._warned_nonfinite = False
+        if not hasattr(self, "engines_used"):
+            self.engines_used = set()
         super().__setstate__(state)
+        # torch.optim.Optimizer.__setstate__ adds ``differentiable`` to ``defaults``, and torch's
+        # checkpoints carry its implementation switches in every group: adamkit has none of
+        # them (the engine is ``backend``), so they are dropped. A loaded optimizer's
+        # state_dict() then equals the one it was loaded from, and
+        # ``type(opt)(params, **opt.defaults)`` builds a twin.
+        for key in _TORCH_IMPLEMENTATION_KEYS:
+            self.defaults.pop(key, None)
         for group in self.param_groups:
+            for key in _TORCH_IMPLEMENTATION_KEYS:
+                group.pop(key, None)
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
+            group.update(self.class_flags)
             self.setup_group(group)
+            if self.step_kind != "tensor":
+                continue
+            # older torch and many training frameworks save the step count as a plain number;
+            # torch converts it on load, and so does adamkit
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=scalar_dtype())
 
     def setup_group(self, group: dict) -> None:
         """Hook for group keys derived at creation (AdaBound's ``base_lr``)."""
@@ -256,12 +299,22 @@ class Optimizer(torch.optim.Optimizer):
             if not self.supports_complex:
                 for i, p in enumerate(group["params"]):
                     if p.is_complex():
-                        raise ValueError(
+                        # a ValueError (a bad argument), and a RuntimeError for code written
+                        # against torch, whose Adafactor raises one at step()
+                        raise validation.UnsupportedParameterError(
                             f"{type(self).__name__} does not support complex parameters "
                             f"(parameter {i} of param group {len(self.param_groups) - 1} is "
                             f"{p.dtype}); pass torch.view_as_real(p) as a real parameter instead"
                         )
             for i, p in enumerate(group["params"]):
+                if p.layout is not torch.strided and not self.sparse_params:
+                    raise ValueError(
+                        f"{type(self).__name__} requires dense parameter tensors (parameter {i} "
+                        f"of param group {len(self.param_groups) - 1} has layout {p.layout})"
+                        + ("; sparse gradients of dense parameters are what it takes"
+                           if self.requires_sparse else "; optimizers that take sparse "
+                           "parameters: SGD")
+                    )
                 if not (p.is_floating_point() or p.is_complex()):
                     raise ValueError(
                         f"Invalid parameter {i} of param group {len(self.param_groups) - 1}: "
@@ -299,6 +352,9 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # everything that can be checked is checked before anything changes: a step that
+        # raises has changed nothing, so a retry cannot apply an update twice
+        self._check_step()
         if triton_gpu.chosen(self):  # one launch per kernel for the step (engines/gpu)
             triton_gpu.step(self)
             return loss
@@ -378,7 +434,54 @@ class Optimizer(torch.optim.Optimizer):
                 torch._foreach_add_(pending, 1.0)
             if batch is not None:
                 batch.flush()
+            if self.step_kind == "none":
+                # a parameter that keeps nothing has no entry (torch's state_dict()["state"]
+                # is {} for SGD without momentum); lookups through the defaultdict made some
+                for p in [p for p, entry in self.state.items() if not entry]:
+                    del self.state[p]
         return loss
+
+    def _check_step(self) -> None:
+        """Raise, before anything changes, for every problem ``step()`` would meet part-way:
+        gradients the algorithm cannot take, a step count that is not a tensor, a tensor
+        ``backend="fused"`` cannot update."""
+        tensor_step = self.step_kind == "tensor"
+        fused = self.backend == "fused"
+        for gi, group in enumerate(self.param_groups):
+            sparse_ok = None
+            for pi, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    if sparse_ok is None:
+                        sparse_ok = self.sparse_ok(group)
+                    # a sparse parameter (sparse_params) takes any setting, as in torch
+                    if not sparse_ok and p.layout is torch.strided:
+                        raise RuntimeError(self._sparse_error(group))
+                elif self.requires_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support dense gradients, please "
+                        "consider Adam instead"
+                    )
+                state = self.state.get(p)
+                if state and tensor_step and not isinstance(state.get("step", p), Tensor):
+                    raise TypeError(
+                        f"state['step'] of parameter {pi} of param group {gi} is "
+                        f"{state['step']!r}, not a tensor; nothing was updated. Set it to "
+                        f"torch.tensor({float(state['step'])!r}) (load_state_dict converts "
+                        "numbers itself)"
+                    )
+                if fused and not p.is_sparse:
+                    slots = {} if not state else {
+                        k: v for k, v in state.items() if isinstance(v, Tensor) and k != "step"}
+                    blocker = self._fused_blocker(p, grad, slots)
+                    if blocker is not None:
+                        raise ValueError(
+                            f"backend='fused' cannot update parameter {pi} of param group "
+                            f"{gi} (shape {tuple(p.shape)}): {blocker}; nothing was updated. "
+                            "Use backend='auto' to fall back to the reference engine"
+                        )
 
     @staticmethod
     def _run_in_lockstep(programs: list, batch) -> None:
@@ -469,19 +572,20 @@ class Optimizer(torch.optim.Optimizer):
         return None
 
     def _step_parameter(self, group: dict, p: Tensor, where: tuple[int, int] = (0, 0)) -> None:
-        grad = p.grad
-        if grad.is_sparse:
-            if not self.sparse_ok(group):
-                raise RuntimeError(self._sparse_error(group))
-        elif self.requires_sparse:
-            raise RuntimeError(
-                f"{type(self).__name__} does not support dense gradients, please consider "
-                "Adam instead"
-            )
-        state = self.state[p]
+        grad = p.grad  # what it can take was checked by _check_step
+        state = self.state.get(p)
+        if state is None:
+            state = {}
         self._last_step = None
+        if p.layout is not torch.strided:
+            self._step_sparse_parameter(group, p, grad, state)
+            if state:
+                self.state[p] = state
+            return
         s = self.scalars(group, state)
         names = self.state_slots(group, p)
+        if names or state:
+            self.state[p] = state
         for name in names:
             if name not in state:
                 state[name] = self.new_slot(group, p, name)
@@ -499,6 +603,8 @@ class Optimizer(torch.optim.Optimizer):
                     "fall back to the reference engine"
                 )
             fused = blocker is None
+        # steps a plan repeats later run on the engine that ran when it was recorded
+        self.engines_used.add("fused" if fused else "reference")
         # 8-bit state is decoded and encoded inside the fused pass; every other path works on
         # float32 copies that are encoded back afterwards.
         quantized = {}
@@ -549,6 +655,20 @@ class Optimizer(torch.optim.Optimizer):
         _run_to_end(program)
         for i, (k, q) in enumerate(quantized.items()):
             q.copy_(slots[k], seed=seed + i if self.round_int8_stochastically else None)
+
+    def _step_sparse_parameter(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+        # A sparse parameter (``sparse_params``): the algorithm's torch-op statement of its rule
+        # for sparse tensors, which follows torch's own loop op for op (sparse sums of
+        # uncoalesced tensors round as torch's kernels do only when the same ops run)
+        if group["maximize"]:
+            grad = -grad
+        self.engines_used.add("reference")
+        self.step_sparse_parameter(group, p, grad, state)
+
+    def step_sparse_parameter(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+        """Update a sparse parameter in place with torch's sparse ops (``sparse_params``
+        algorithms only); ``grad`` is already negated for ``maximize``."""
+        raise NotImplementedError
 
     def _seed(self, state: dict, p: Tensor, where: tuple[int, int]) -> int:
         if self._last_step is not None:  # the count advance_step returned for this step

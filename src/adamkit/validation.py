@@ -17,6 +17,13 @@ import torch
 Check = Callable[[str, Any], None]
 
 
+class UnsupportedParameterError(ValueError, RuntimeError):
+    """A parameter the optimizer cannot update (complex where it has no complex form), raised
+    when the param group is added. It is a ``ValueError`` (a bad argument) and also a
+    ``RuntimeError``, which is what torch raises for some of these cases at ``step()``, so code
+    written against either catches it."""
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -82,6 +89,15 @@ def betas(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be a pair (beta1, beta2))")
     unit_interval("beta1", value[0])
     unit_interval("beta2", value[1])
+
+
+def betas_floats_or_tensors(name: str, value: Any) -> None:
+    """:func:`betas`, both numbers or both tensors (torch's Adam and AdamW reject a mix)."""
+    betas(name, value)
+    if isinstance(value[0], torch.Tensor) != isinstance(value[1], torch.Tensor):
+        raise ValueError(
+            f"Invalid {name}: {value!r} (betas must be either both floats or both Tensors)"
+        )
 
 
 def choice(*options: Any) -> Check:

@@ -90,7 +90,7 @@ class AdaBelief(Optimizer):
 
     def scalars(self, group, state) -> AdaBeliefScalars:
         t = self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         lr = float(group["lr"])
         bias_correction1 = 1 - beta1**t
         rectified = False

@@ -97,7 +97,7 @@ class AdaBound(Optimizer):
 
     def scalars(self, group, state) -> AdaBoundScalars:
         t = self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         lr = float(group["lr"])
         base_lr = group["base_lr"]
         final_lr = group["final_lr"] * lr / base_lr if base_lr != 0 else 0.0

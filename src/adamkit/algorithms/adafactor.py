@@ -89,7 +89,8 @@ def _apply_update(s: AdafactorScalars, p, g, a, b):
 
 
 def _unfactored_update(s: AdafactorScalars, g, variance):
-    return g / sqrt(maximum(_ema_of_square(s, variance, g), s.eps1 * s.eps1))
+    # torch's order: variance.lerp_(g * g), then clamp_min(eps1^2), rsqrt_(), times g
+    return (1 / sqrt(maximum(_ema_of_square(s, variance, g), s.eps1 * s.eps1))) * g
 
 
 def _unfactored_sq(s: AdafactorScalars, p, g, variance):
@@ -106,8 +107,9 @@ def _unfactored_apply(s: AdafactorScalars, p, g, variance):
 def _step_size(s: AdafactorScalars, u_sq, p_sq, n):
     """alpha_t / max(1, RMS(U) / d) with alpha_t = max(eps2, RMS(p)) rho_t (numbers, or arrays
     of one value per tensor: see Optimizer.vectorized_apply)."""
-    alpha = maximum(s.eps2, sqrt(p_sq / n)) * s.rho
-    return alpha / maximum(1.0, sqrt(u_sq / n) / s.d)
+    # torch's order: norm / sqrt(n) (not sqrt(sum / n)), and norm / (sqrt(n) d)
+    alpha = maximum(s.eps2, sqrt(p_sq) / n ** 0.5) * s.rho
+    return alpha / maximum(1.0, sqrt(u_sq) / (n ** 0.5 * s.d))
 
 
 def _row_norm(mean, eps1: float, dtype: torch.dtype):

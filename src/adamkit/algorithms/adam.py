@@ -42,7 +42,7 @@ class Adam(Optimizer):
 
     checks = {
         "lr": v.non_negative,
-        "betas": v.betas,
+        "betas": v.betas_floats_or_tensors,
         "eps": v.non_negative,
         "weight_decay": v.non_negative,
         "amsgrad": v.flag,
@@ -81,7 +81,7 @@ class Adam(Optimizer):
 
     def scalars(self, group, state) -> AdamScalars:
         t = self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         lr = float(group["lr"])
         return AdamScalars(
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -116,8 +116,11 @@ class AdamW(Adam):
     is scaled by the current lr; the paper scales :math:`\lambda` by the schedule multiplier only,
     so the paper's :math:`\lambda` equals torch's :math:`\lambda` times the base lr.
 
-    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2 (torch's).
+    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2 (torch's). Decay stays
+    decoupled when an ``Adam`` checkpoint is loaded (as torch's AdamW).
     """
+
+    class_flags = {"decoupled_weight_decay": True}
 
     def __init__(
         self,
@@ -129,11 +132,19 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        decoupled_weight_decay: bool = True,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
         stochastic_rounding: bool = False,
     ):
+        # accepted so that AdamW(params, **opt.defaults) rebuilds an AdamW (its defaults hold
+        # the flag, as torch's do); only its one value is valid
+        if decoupled_weight_decay is not True:
+            raise ValueError(
+                f"Invalid decoupled_weight_decay: {decoupled_weight_decay!r} (AdamW's decay is "
+                "always decoupled; use Adam(..., decoupled_weight_decay=False) for coupled decay)"
+            )
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
                          backend=backend, state_dtype=state_dtype, on_nonfinite=on_nonfinite,

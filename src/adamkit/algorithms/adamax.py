@@ -65,7 +65,7 @@ class Adamax(Optimizer):
 
     def scalars(self, group, state) -> AdamaxScalars:
         t = self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         return AdamaxScalars(
             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             clr=float(group["lr"]) / (1 - beta1**t),

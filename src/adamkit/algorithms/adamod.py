@@ -71,7 +71,7 @@ class AdaMod(Optimizer):
 
     def scalars(self, group, state) -> AdaModScalars:
         t = self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         lr = float(group["lr"])
         return AdaModScalars(
             lr=lr, beta1=beta1, beta2=beta2, beta3=group["beta3"], eps=group["eps"],

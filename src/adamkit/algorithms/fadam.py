@@ -112,7 +112,7 @@ class FAdam(Optimizer):
 
     def scalars(self, group, state) -> FAdamScalars:
         t = self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         return FAdamScalars(
             lr=float(group["lr"]), beta1=beta1,
             fisher_beta=beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t),

@@ -60,7 +60,7 @@ class Lion(Optimizer):
 
     def scalars(self, group, state) -> LionScalars:
         self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         return LionScalars(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                            weight_decay=group["weight_decay"])
 

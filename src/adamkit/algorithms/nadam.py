@@ -94,7 +94,7 @@ class NAdam(Optimizer):
         t = self.advance_step(state)
         if "mu_product" not in state:
             state["mu_product"] = torch.ones((), dtype=scalar_dtype())
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         psi = group["momentum_decay"]
         lr = float(group["lr"])
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))

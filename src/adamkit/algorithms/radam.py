@@ -89,7 +89,7 @@ class RAdam(Optimizer):
 
     def scalars(self, group, state) -> RAdamScalars:
         t = self.advance_step(state)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         lr = float(group["lr"])
         rho_t, rect = rectification(beta2, t)
         rectified = rho_t > 5.0

@@ -28,8 +28,10 @@ class SGD(Optimizer):
 
     Defaults: lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False (torch's).
     Nesterov needs momentum > 0 and dampening = 0. State: ``momentum_buffer`` (momentum > 0
-    only; like torch there is no ``step``). Sparse gradients are accepted with momentum=0 and
-    weight_decay=0.
+    only; like torch there is no ``step``, and without momentum no state entry at all). Sparse
+    gradients of dense parameters are accepted with momentum=0 and weight_decay=0; sparse
+    parameters (with sparse gradients) take any setting, as in torch, the rule running on
+    torch's sparse arithmetic.
     """
 
     checks = {
@@ -44,6 +46,8 @@ class SGD(Optimizer):
     scalars_from_step = True
     supports_complex = True
     sparse_note = "SGD (momentum=0, weight_decay=0)"
+    sparse_params = True
+    step_kind = "none"
 
     def __init__(
         self,
@@ -86,6 +90,21 @@ class SGD(Optimizer):
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             first="momentum_buffer" not in state,
         )
+
+    def step_sparse_parameter(self, group, p, grad, state):
+        # torch's own loop, op for op: on sparse tensors ``add_`` with ``alpha`` rounds
+        # differently from ``p - lr * g``, and torch supports every setting here
+        if group["weight_decay"] != 0:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+        p.add_(grad, alpha=-float(group["lr"]))
 
     @staticmethod
     def update(s: SGDScalars, p, g, momentum_buffer):

@@ -42,6 +42,7 @@ class SparseAdam(Optimizer):
     slot_names = ("exp_avg", "exp_avg_sq")
     nonnegative_slots = ("exp_avg_sq",)
     requires_sparse = True
+    step_kind = "int"
     sparse_note = "SparseAdam"
 
     def __init__(
@@ -68,7 +69,7 @@ class SparseAdam(Optimizer):
     def scalars(self, group, state) -> SparseAdamScalars:
         state["step"] = state.get("step", 0) + 1
         t = state["step"]
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         return SparseAdamScalars(
             beta1=beta1, beta2=beta2, eps=group["eps"],
             step_size=float(group["lr"]) * (1 - beta2**t) ** 0.5 / (1 - beta1**t),

@@ -385,15 +385,18 @@ def _benchmark_dtype(args, shapes, param_dtype: str, bandwidth: Bandwidth, out) 
     def torch_fused_adamw():
         return torch.optim.AdamW(params, fused=True)
 
-    def measure(make, warmup: int) -> tuple[list[float], list[float], int]:
+    def measure(make, warmup: int) -> tuple[list[float], list[float], int, str | None]:
         # the baseline steps the same parameters, alternating with the measured optimizer
         reset()
         opt, base = make(), torch_fused_adamw()
         times, base_times = time_interleaved(opt, base, args.steps, warmup)
         nbytes = state_bytes(opt)
+        # the engines an adamkit optimizer actually ran (backend="auto" falls back per tensor)
+        used = getattr(opt, "engines_used", None)
+        engines = "+".join(sorted(used)) if used else None
         del opt, base
         gc.collect()
-        return times, base_times, nbytes
+        return times, base_times, nbytes, engines
 
     reset()
     base = torch_fused_adamw()
@@ -432,13 +435,7 @@ def _benchmark_dtype(args, shapes, param_dtype: str, bandwidth: Bandwidth, out) 
                 return adamkit.create(name, params, backend=args.backend,
                                       state_dtype=_state_argument(state_dtype, param_dtype),
                                       on_nonfinite=mode, **kwargs)
-            engine = args.backend
-            if args.backend == "auto":
-                from adamkit.engines import cpu
-                engine = "fused" if cpu.available() else "reference"
-            if mode != "apply":
-                engine += f" +{mode}"
-            label = ("adamkit", engine, state_dtype)
+            label = ("adamkit", None, state_dtype)  # the engine it used, once measured
         elif kind.startswith("torch"):
             cls_name, tkw = TORCH_EQUIVALENTS[name]
             cls = getattr(torch.optim, cls_name, None)
@@ -475,12 +472,17 @@ def _benchmark_dtype(args, shapes, param_dtype: str, bandwidth: Bandwidth, out) 
             label = ("bitsandbytes", "8-bit", "int8")
             traffic = traffic_per_param(name, "int8", kwargs, dtype=dtype)
         try:
-            times, base_times, state_nbytes = measure(
+            times, base_times, state_nbytes, engines = measure(
                 make, max(args.warmup, MIN_WARMUP.get(name, 0)))
         except Exception as error:  # a comparison library that cannot run here
             out(f"  {label[0]} {name} ({param_dtype} parameters): skipped "
                 f"({type(error).__name__}: {error})")
             continue
+        if kind == "adamkit":
+            engine = engines or "none"  # "none": no parameter had a gradient
+            if mode != "apply":
+                engine += f" +{mode}"
+            label = ("adamkit", engine, state_dtype)
         results.append((name, label, times, base_times, traffic, state_nbytes))
         baseline += base_times
     # the baseline's own row: all its step times, first alone and then interleaved; AdamW's
