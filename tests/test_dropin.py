@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import adamkit
-from adamkit.engines import fused_cpu
+from adamkit.engines import cpu
 from adamkit.registry import OPTIMIZERS as REGISTRY
 from optim_table import BY_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-FUSED = fused_cpu.available()
+FUSED = cpu.available()
 needs_fused = pytest.mark.skipif(not FUSED, reason="numba is not importable here")
 BACKENDS = ["reference", pytest.param("fused", marks=needs_fused)]
 
