@@ -133,7 +133,8 @@ def scenario_parallel(steps=3):
         opt = make(name, m.parameters(), options)
         for step in range(steps):
             train_step(m, opt, step)
-        check_close(params_of(m), want, f"FSDP2 {label}", tol)
+        # int8 blocks within rows of dim 0 and other random bits: lossy state's noise differs
+        check_close(params_of(m), want, f"FSDP2 {label}", 8e-3 if lossy(options) else tol)
         for p in m.parameters():
             for key, value in opt.state[p].items():
                 if key != "step" and isinstance(value, torch.Tensor) and value.dim() > 0:

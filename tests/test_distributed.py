@@ -60,7 +60,9 @@ def spawn(world: int, *args: str, timeout: float = 420) -> str:
 
 def test_every_optimizer_under_ddp_zero_and_fsdp2_matches_one_process():
     out = spawn(2, "parallel")
-    assert out.count("ok ") == 22, out[-3000:]
+    done = [line for line in out.splitlines() if line.startswith("ok ")]
+    names = {line.split()[1] for line in done}
+    assert len(done) == len(names) + 7 == len(adamkit.available()) - 1 + 7, out[-3000:]
 
 
 def test_fsdp2_three_ranks_with_empty_shards():
