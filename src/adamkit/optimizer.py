@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from . import storage, validation
+from . import distributed, storage, validation
 from .engines import cpu as fused_cpu
 from .engines import gpu as triton_gpu
 from .engines.cohort import _GroupLockstepPlan
@@ -366,17 +366,20 @@ class Optimizer(torch.optim.Optimizer):
         # Multi-pass rules written as generators run their passes in lockstep across tensors.
         default_apply = type(self).apply is Optimizer.apply
         lockstep = inspect.isgeneratorfunction(type(self).apply)
+        # DTensor (FSDP2) parameters step one by one on their local shards, without plans or
+        # lockstep: adamkit.distributed.step_parameter (called by _step_parameter)
+        sharded = distributed.has_dtensor(self.param_groups)
         batch = None
         if self.backend in ("fused", "auto") and (default_apply or lockstep) \
                 and fused_cpu.available():
             batch = fused_cpu.KernelBatch()
         self._batch = batch
-        self._lockstep = [] if batch is not None and lockstep else None
+        self._lockstep = [] if batch is not None and lockstep and not sharded else None
         # A parameter whose tensors are where they were at its last step takes a fast path
         # that re-adds that step's map with new scalars (see _Plan); others take the full one.
         # A generator apply's plan (_LockstepPlan) re-runs the generator on an engine that
         # repeats its maps.
-        plans = None if batch is None or not (default_apply or lockstep) \
+        plans = None if batch is None or not (default_apply or lockstep) or sharded \
             else self.__dict__.setdefault("_plans", {})
         plan_type = _Plan if default_apply else _LockstepPlan
         # ... and a whole param group whose tensors all do, one that repeats as a block (for
@@ -512,6 +515,7 @@ class Optimizer(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
+                g = distributed.local(g)  # a DTensor's shard (never read by the kernels whole)
                 if g.is_sparse:
                     g = g._values()
                 if fast and fused_cpu.unsupported_reason(g) is None:
@@ -519,6 +523,9 @@ class Optimizer(torch.optim.Optimizer):
                 else:
                     flags.append(torch.isfinite(g).all())
         finite = not batched or not fused_cpu.any_nonfinite(batched)
+        # every rank of a DTensor parameter's mesh skips, or none does
+        finite = distributed.all_finite(self.param_groups, finite and (
+            not flags or bool(torch.stack(flags).all())))
         if finite and (not flags or bool(torch.stack(flags).all())):
             return True
         if self.on_nonfinite == "raise":
@@ -572,6 +579,8 @@ class Optimizer(torch.optim.Optimizer):
         return None
 
     def _step_parameter(self, group: dict, p: Tensor, where: tuple[int, int] = (0, 0)) -> None:
+        if distributed.is_dtensor(p):  # FSDP2: the rule runs on local shards (never a DTensor)
+            return distributed.step_parameter(self, group, p, where)
         grad = p.grad  # what it can take was checked by _check_step
         state = self.state.get(p)
         if state is None:
@@ -708,8 +717,14 @@ class Optimizer(torch.optim.Optimizer):
             f"optimizers that do: {', '.join(capable)}"
         )
 
+    def state_dict(self) -> dict:
+        # every value a tensor or a number: 8-bit state as codes and scales (adamkit.distributed)
+        return distributed.pack_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
+        scales = distributed.take_scales(self, state_dict)  # 8-bit scales, kept float32
         super().load_state_dict(state_dict)
+        distributed.restore_scales(self, scales)
         self.__dict__.pop("_plans", None)  # they hold the replaced state tensors
         self.__dict__.pop("_group_plans", None)
         # torch casts loaded floating state to the parameter's dtype and keeps other values as
@@ -717,6 +732,9 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p, {})
+                if distributed.is_dtensor(p):  # shard by shard (adamkit.distributed)
+                    distributed.convert_state(self, group, p, state)
+                    continue
                 for name in self.state_slots(group, p):
                     if name in state:
                         state[name] = storage.convert(

@@ -34,8 +34,10 @@ engine does both inside its single pass. NaN (and ±Inf, which decodes as NaN) s
 element: the block's ``absmax`` is taken over finite values.
 
 Which slots are non-negative is declared by each algorithm (``nonnegative_slots``).
-``state_dict()`` saves :class:`BlockQuantized` objects as they are (about a quarter of the bytes
-of float32 state); ``load_state_dict`` converts between storage types in either direction.
+``state_dict()`` saves a :class:`BlockQuantized` slot as its codes (under the slot's name) and
+its float32 ``absmax`` (under ``NAME_absmax``): tensors only, about a quarter of the bytes of
+float32 state (see :mod:`adamkit.distributed`); ``load_state_dict`` converts between storage
+types in either direction.
 """
 
 from __future__ import annotations
@@ -145,8 +147,8 @@ class BlockQuantized:
     """An 8-bit blockwise state tensor: ``codes`` shaped like the parameter and one float32
     ``absmax`` per block of 256 elements (in flattened order). ``signed`` picks the code map.
 
-    It is what ``optimizer.state[p][name]`` holds with ``state_dtype="int8"`` and what
-    ``state_dict()`` saves; ``dequantize()`` gives the float values.
+    It is what ``optimizer.state[p][name]`` holds with ``state_dtype="int8"`` (``state_dict()``
+    saves its codes and absmax as two tensors); ``dequantize()`` gives the float values.
     """
 
     def __init__(self, codes: Tensor, absmax: Tensor, signed: bool):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
+
 from .. import validation as v
 from ..engines.ops import maximum, minimum, sqrt
 from ..optimizer import Optimizer
@@ -21,6 +23,12 @@ class FAdamScalars(NamedTuple):
     eps_t: float  # eps * min(1, RMS(g)), set after the first pass
     grad_scale: float  # clip / max(1, RMS(g_bar)), set after the second pass
     weight_scale: float  # clip / max(1, RMS(w)), set after the second pass
+
+
+def _where(flag, yes, no):
+    """``yes`` where ``flag`` holds, else ``no`` (numbers, or arrays of one value per tensor)."""
+    chosen = np.where(flag, yes, no)
+    return float(chosen) if chosen.ndim == 0 else chosen
 
 
 def _square(s, x):
@@ -128,7 +136,9 @@ class FAdam(Optimizer):
         n = p.numel()
         fim, exp_avg = slots["fim"], slots["exp_avg"]
         (g_sq,) = yield engine.map(_square, s, [g], [], n_sums=1)
-        s = s._replace(eps_t=s.eps * minimum(1.0, sqrt(g_sq / n)))
+        # an all-zero gradient (torch.distributed.checkpoint's lr=0 initialisation step) would
+        # give eps_t = 0 and 0/0: eps_t = eps there keeps the state and parameter finite
+        s = s._replace(eps_t=s.eps * _where(g_sq > 0, minimum(1.0, sqrt(g_sq / n)), 1.0))
         g_bar_sq, w_sq = yield engine.map(_clip_sums_pass, s, [p, g, fim], [], n_sums=2)
         s = s._replace(
             grad_scale=s.clip / maximum(1.0, sqrt(g_bar_sq / n)),
