@@ -27,6 +27,10 @@ __all__ = [
     "LionOracle",
     "FAdamOracle",
     "AdafactorOracle",
+    "ADOPTOracle",
+    "CautiousAdamOracle",
+    "CautiousSGDOracle",
+    "cautious_update",
 ]
 
 
@@ -450,3 +454,123 @@ class AdafactorOracle(_Oracle):
             update = g / np.maximum(np.sqrt(var_estimate), eps1)
             update = update / max(1.0, _rms(update) / self.d)
             p -= alpha * update
+
+
+def cautious_update(u: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """The Cautious modifier (C-Optim's c_adamw.py, as ALGORITHMS.md states it): φ = 1(u ⊙ g > 0),
+    φ̃ = φ / max(mean(φ), 1e-3) with the mean over the tensor; the update applied is φ̃ ⊙ u."""
+    if u.size == 0:
+        return u
+    mask = (u * g > 0).astype(np.float64)
+    return u * (mask / max(float(mask.mean()), 1e-3))
+
+
+class ADOPTOracle(_Oracle):
+    """ADOPT (official code iShohei220/adopt, adopt.py at c621db2), as ALGORITHMS.md states it.
+
+    Defaults lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip c(k) = k**0.25, weight_decay=0,
+    decouple=False. Coupled decay g ← g + λθ (every step, the first too). First step: v ← g²,
+    nothing else. After it (k = t − 1 earlier steps): decoupled θ ← θ(1 − γλ);
+    n = clip(g / max(√v, ε), −c(k), c(k)); m ← β₁m + (1−β₁)n; θ ← θ − γm (cautious: the masked
+    γm); v ← β₂v + (1−β₂)g² after the update.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_lambda="default",
+                 weight_decay=0.0, decouple=False, maximize=False, cautious=False) -> None:
+        super().__init__(params, lr, maximize)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.clip = (lambda k: k**0.25) if clip_lambda == "default" else clip_lambda
+        self.weight_decay = weight_decay
+        self.decouple = decouple
+        self.cautious = cautious
+        for p, st in zip(params, self.state):
+            st["exp_avg"] = np.zeros_like(p)
+            st["exp_avg_sq"] = np.zeros_like(p)
+
+    def step(self, grads, lr=None) -> None:
+        grads = self._begin_step(grads, lr)
+        lr, wd = self.lr, self.weight_decay
+        for p, g, st in zip(self.params, grads, self.state):
+            if wd != 0 and not self.decouple:
+                g = g + wd * p
+            if self.t == 1:
+                st["exp_avg_sq"] = g * g
+                continue
+            if wd != 0 and self.decouple:
+                p *= 1.0 - lr * wd
+            n = g / np.maximum(np.sqrt(st["exp_avg_sq"]), self.eps)
+            if self.clip is not None:
+                c = self.clip(self.t - 1)
+                n = np.clip(n, -c, c)
+            st["exp_avg"] = self.beta1 * st["exp_avg"] + (1.0 - self.beta1) * n
+            u = lr * st["exp_avg"]
+            p -= cautious_update(u, g) if self.cautious else u
+            st["exp_avg_sq"] = self.beta2 * st["exp_avg_sq"] + (1.0 - self.beta2) * g * g
+
+
+class CautiousAdamOracle(_Oracle):
+    """Adam / AdamW (torch semantics, ALGORITHMS.md) with the Cautious modifier: decoupled decay
+    θ(1 − γλ) unmasked first (coupled: g ← g + λθ, and that g in the mask); m, v as Adam, not
+    masked; u = (γ/bc1)·m/(√v/√bc2 + ε) (amsgrad: v_max over raw v); θ ← θ − φ̃ ⊙ u."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, maximize=False, decoupled_weight_decay=False,
+                 cautious=True) -> None:
+        super().__init__(params, lr, maximize)
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay, self.amsgrad = eps, weight_decay, amsgrad
+        self.decoupled, self.cautious = decoupled_weight_decay, cautious
+        for p, st in zip(params, self.state):
+            st["exp_avg"] = np.zeros_like(p)
+            st["exp_avg_sq"] = np.zeros_like(p)
+            if amsgrad:
+                st["max_exp_avg_sq"] = np.zeros_like(p)
+
+    def step(self, grads, lr=None) -> None:
+        grads = self._begin_step(grads, lr)
+        lr, t, wd = self.lr, self.t, self.weight_decay
+        bc1, bc2 = 1.0 - self.beta1**t, 1.0 - self.beta2**t
+        for p, g, st in zip(self.params, grads, self.state):
+            if wd != 0:
+                if self.decoupled:
+                    p *= 1.0 - lr * wd
+                else:
+                    g = g + wd * p
+            st["exp_avg"] = self.beta1 * st["exp_avg"] + (1.0 - self.beta1) * g
+            st["exp_avg_sq"] = self.beta2 * st["exp_avg_sq"] + (1.0 - self.beta2) * g * g
+            v = st["exp_avg_sq"]
+            if self.amsgrad:
+                st["max_exp_avg_sq"] = np.maximum(st["max_exp_avg_sq"], v)
+                v = st["max_exp_avg_sq"]
+            u = (lr / bc1) * st["exp_avg"] / (np.sqrt(v) / math.sqrt(bc2) + self.eps)
+            p -= cautious_update(u, g) if self.cautious else u
+
+
+class CautiousSGDOracle(_Oracle):
+    """SGD with momentum (torch semantics, ALGORITHMS.md) with the Cautious modifier: coupled
+    decay; b = g at the first step, then μb + (1−τ)g; d = g + μb (Nesterov) or b; u = γd;
+    θ ← θ − φ̃ ⊙ u with the mask against the (decayed) gradient."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, maximize=False, cautious=True) -> None:
+        super().__init__(params, lr, maximize)
+        self.momentum, self.dampening = momentum, dampening
+        self.weight_decay, self.nesterov, self.cautious = weight_decay, nesterov, cautious
+
+    def step(self, grads, lr=None) -> None:
+        grads = self._begin_step(grads, lr)
+        for p, g, st in zip(self.params, grads, self.state):
+            if self.weight_decay != 0:
+                g = g + self.weight_decay * p
+            d = g
+            if self.momentum != 0:
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = g.copy()
+                else:
+                    st["momentum_buffer"] = (self.momentum * st["momentum_buffer"]
+                                             + (1.0 - self.dampening) * g)
+                d = g + self.momentum * st["momentum_buffer"] if self.nesterov \
+                    else st["momentum_buffer"]
+            u = self.lr * d
+            p -= cautious_update(u, g) if self.cautious else u

@@ -161,6 +161,15 @@ OPTIMIZERS: list[OptimInfo] = [
                   "beale": (dict(lr=5e-2, weight_decay=0), _cos),
                   "rosenbrock": (dict(lr=0.1, weight_decay=0), _cos)},
     ),
+    # ADOPT and the Cautious modifier: float64 NumPy oracles in test_new_optimizers.py
+    OptimInfo(
+        "adopt", adamkit.ADOPT, None,
+        configs=[dict(), dict(weight_decay=0.1, decouple=True), dict(cautious=True)],
+        second_group=dict(lr=3e-4, weight_decay=0.1),
+        # the clip (t^0.25) bounds each step by about lr * t^0.25: the valley needs a large lr
+        converge={"quadratic": (dict(lr=5e-2), _cos), "beale": (dict(lr=5e-2), _cos),
+                  "rosenbrock": (dict(lr=0.3, betas=(0.9, 0.999)), _cos)},
+    ),
 ]
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}

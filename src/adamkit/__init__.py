@@ -8,6 +8,7 @@ from .algorithms.adagrad import Adagrad
 from .algorithms.adam import Adam, AdamW
 from .algorithms.adamax import Adamax
 from .algorithms.adamod import AdaMod
+from .algorithms.adopt import ADOPT
 from .algorithms.fadam import FAdam
 from .algorithms.lion import Lion
 from .algorithms.nadam import NAdam
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SparseAdam",
-    "AdaBound", "AdaMod", "AdaBelief", "Lion", "FAdam", "Adafactor",
+    "AdaBound", "AdaMod", "AdaBelief", "Lion", "FAdam", "Adafactor", "ADOPT",
     "Optimizer", "available", "create", "param_groups", "schedules",
 ]

@@ -9,6 +9,7 @@ from .algorithms.adagrad import Adagrad
 from .algorithms.adam import Adam, AdamW
 from .algorithms.adamax import Adamax
 from .algorithms.adamod import AdaMod
+from .algorithms.adopt import ADOPT
 from .algorithms.fadam import FAdam
 from .algorithms.lion import Lion
 from .algorithms.nadam import NAdam
@@ -27,6 +28,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adamax": Adamax,
     "adamod": AdaMod,
     "adamw": AdamW,
+    "adopt": ADOPT,
     "fadam": FAdam,
     "lion": Lion,
     "nadam": NAdam,

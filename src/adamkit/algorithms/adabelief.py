@@ -7,6 +7,7 @@ from typing import NamedTuple
 from .. import validation as v
 from ..engines.ops import maximum, sqrt
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 from .radam import rectification
 
 
@@ -23,9 +24,11 @@ class AdaBeliefScalars(NamedTuple):
     step_size: float  # lr / (1 - beta1^t)
     bias_correction2_sqrt: float
     rectified_step_size: float  # lr * r_t * sqrt(1 - beta2^t) / (1 - beta1^t)
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class AdaBelief(Optimizer):
+class AdaBelief(Cautious, Optimizer):
     r"""AdaBelief: Adam whose second moment tracks the "belief" :math:`(g - m)^2`.
 
     .. math::
@@ -56,6 +59,7 @@ class AdaBelief(Optimizer):
         "decoupled_weight_decay": v.flag,
         "rectify": v.flag,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
     scalars_from_step = True
@@ -73,6 +77,7 @@ class AdaBelief(Optimizer):
         rectify: bool = True,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
@@ -80,7 +85,7 @@ class AdaBelief(Optimizer):
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
-                        rectify=rectify, maximize=maximize)
+                        rectify=rectify, maximize=maximize, cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -107,6 +112,7 @@ class AdaBelief(Optimizer):
             step_size=lr / bias_correction1,
             bias_correction2_sqrt=(1 - beta2**t) ** 0.5,
             rectified_step_size=rectified_step_size,
+            cautious=group["cautious"],
         )
 
     @staticmethod
@@ -123,9 +129,13 @@ class AdaBelief(Optimizer):
             max_exp_avg_var = maximum(max_exp_avg_var, exp_avg_var)
         if not s.rectify:
             second = max_exp_avg_var if s.amsgrad else exp_avg_var
-            p = p - s.step_size * (exp_avg / (sqrt(second) / s.bias_correction2_sqrt + s.eps))
+            u = s.step_size * (exp_avg / (sqrt(second) / s.bias_correction2_sqrt + s.eps))
         elif s.rectified:
-            p = p - s.rectified_step_size * (exp_avg / (sqrt(exp_avg_var) + s.eps))
+            u = s.rectified_step_size * (exp_avg / (sqrt(exp_avg_var) + s.eps))
         else:
-            p = p - s.step_size * exp_avg
-        return p, exp_avg, exp_avg_var, max_exp_avg_var
+            u = s.step_size * exp_avg
+        if s.cautious:
+            return (p - masked(u, g, s.cautious_scale), exp_avg, exp_avg_var, max_exp_avg_var,
+                    agreement(u, g))
+        else:
+            return p - u, exp_avg, exp_avg_var, max_exp_avg_var

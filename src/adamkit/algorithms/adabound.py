@@ -8,6 +8,7 @@ from typing import NamedTuple
 from .. import validation as v
 from ..engines.ops import clamp, maximum, sqrt
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 
 
 class AdaBoundScalars(NamedTuple):
@@ -21,9 +22,11 @@ class AdaBoundScalars(NamedTuple):
     step_size: float  # lr * sqrt(1 - beta2^t) / (1 - beta1^t)
     lower: float
     upper: float
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class AdaBound(Optimizer):
+class AdaBound(Cautious, Optimizer):
     r"""AdaBound / AMSBound: Adam whose per-element step size is clipped into bounds that
     converge to ``final_lr``, so training ends like SGD. Follows the official code.
 
@@ -59,6 +62,7 @@ class AdaBound(Optimizer):
         "amsbound": v.flag,
         "decoupled_weight_decay": v.flag,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     scalars_from_step = True
@@ -77,6 +81,7 @@ class AdaBound(Optimizer):
         *,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
@@ -84,12 +89,14 @@ class AdaBound(Optimizer):
     ):
         defaults = dict(lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
                         weight_decay=weight_decay, amsbound=amsbound,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                        cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
 
     def setup_group(self, group):
+        super().setup_group(group)
         group.setdefault("base_lr", float(group["lr"]))
 
     def state_slots(self, group, p):
@@ -110,6 +117,7 @@ class AdaBound(Optimizer):
             lower=final_lr * (1 - 1 / (gamma_t + 1)),
             # gamma = 0 leaves the step unbounded above (1 / 0 read as +inf)
             upper=final_lr * (1 + 1 / gamma_t) if gamma_t > 0 else math.inf,
+            cautious=group["cautious"],
         )
 
     @staticmethod
@@ -127,4 +135,9 @@ class AdaBound(Optimizer):
         else:
             denom = sqrt(exp_avg_sq) + s.eps
         step = clamp(s.step_size / denom, s.lower, s.upper)
-        return p - step * exp_avg, exp_avg, exp_avg_sq, max_exp_avg_sq
+        u = step * exp_avg
+        if s.cautious:
+            return (p - masked(u, g, s.cautious_scale), exp_avg, exp_avg_sq, max_exp_avg_sq,
+                    agreement(u, g))
+        else:
+            return p - u, exp_avg, exp_avg_sq, max_exp_avg_sq

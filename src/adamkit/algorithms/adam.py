@@ -7,6 +7,7 @@ from typing import NamedTuple
 from .. import validation as v
 from ..engines.ops import lerp, maximum, sqrt
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 
 
 class AdamScalars(NamedTuple):
@@ -19,9 +20,11 @@ class AdamScalars(NamedTuple):
     amsgrad: bool
     step_size: float  # lr / bias_correction1
     bias_correction2_sqrt: float
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class Adam(Optimizer):
+class Adam(Cautious, Optimizer):
     r"""Adam (Kingma & Ba, 2015), with torch.optim's semantics and checkpoint layout.
 
     .. math::
@@ -47,6 +50,7 @@ class Adam(Optimizer):
         "weight_decay": v.non_negative,
         "amsgrad": v.flag,
         "maximize": v.flag,
+        "cautious": v.flag,
         "decoupled_weight_decay": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -64,6 +68,7 @@ class Adam(Optimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
@@ -71,7 +76,8 @@ class Adam(Optimizer):
         stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                        cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -86,7 +92,7 @@ class Adam(Optimizer):
         return AdamScalars(
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-            amsgrad=group["amsgrad"],
+            amsgrad=group["amsgrad"], cautious=group["cautious"],
             step_size=lr / (1 - beta1**t),
             bias_correction2_sqrt=(1 - beta2**t) ** 0.5,
         )
@@ -105,8 +111,12 @@ class Adam(Optimizer):
             denom = sqrt(max_exp_avg_sq) / s.bias_correction2_sqrt + s.eps
         else:
             denom = sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps
-        p = p - s.step_size * (exp_avg / denom)
-        return p, exp_avg, exp_avg_sq, max_exp_avg_sq
+        u = s.step_size * (exp_avg / denom)
+        if s.cautious:
+            return (p - masked(u, g, s.cautious_scale), exp_avg, exp_avg_sq, max_exp_avg_sq,
+                    agreement(u, g))
+        else:
+            return p - u, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
 class AdamW(Adam):
@@ -133,6 +143,7 @@ class AdamW(Adam):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = True,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
@@ -147,5 +158,6 @@ class AdamW(Adam):
             )
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         cautious=cautious,
                          backend=backend, state_dtype=state_dtype, on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 from .. import validation as v
 from ..engines.ops import absolute, lerp, maximum
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 
 
 class AdamaxScalars(NamedTuple):
@@ -15,9 +16,11 @@ class AdamaxScalars(NamedTuple):
     eps: float
     weight_decay: float
     clr: float  # lr / (1 - beta1^t)
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class Adamax(Optimizer):
+class Adamax(Cautious, Optimizer):
     r"""Adamax (Kingma & Ba, 2015, §7.1); torch semantics and checkpoint layout.
 
     .. math::
@@ -37,6 +40,7 @@ class Adamax(Optimizer):
         "eps": v.non_negative,
         "weight_decay": v.non_negative,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("exp_avg", "exp_inf")
     scalars_from_step = True
@@ -52,13 +56,14 @@ class Adamax(Optimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
         stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
+                        maximize=maximize, cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -69,6 +74,7 @@ class Adamax(Optimizer):
         return AdamaxScalars(
             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             clr=float(group["lr"]) / (1 - beta1**t),
+            cautious=group["cautious"],
         )
 
     @staticmethod
@@ -77,4 +83,8 @@ class Adamax(Optimizer):
             g = g + s.weight_decay * p
         exp_avg = lerp(exp_avg, g, 1 - s.beta1)
         exp_inf = maximum(exp_inf * s.beta2, absolute(g) + s.eps)
-        return p - s.clr * (exp_avg / exp_inf), exp_avg, exp_inf
+        u = s.clr * (exp_avg / exp_inf)
+        if s.cautious:
+            return p - masked(u, g, s.cautious_scale), exp_avg, exp_inf, agreement(u, g)
+        else:
+            return p - u, exp_avg, exp_inf

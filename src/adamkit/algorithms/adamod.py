@@ -8,6 +8,7 @@ from typing import NamedTuple
 from .. import validation as v
 from ..engines.ops import minimum, sqrt
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 
 
 class AdaModScalars(NamedTuple):
@@ -18,9 +19,11 @@ class AdaModScalars(NamedTuple):
     eps: float
     weight_decay: float
     step_size: float  # lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class AdaMod(Optimizer):
+class AdaMod(Cautious, Optimizer):
     r"""AdaMod: Adam whose per-element step size is capped by its own running average.
 
     .. math::
@@ -43,6 +46,7 @@ class AdaMod(Optimizer):
         "eps": v.non_negative,
         "weight_decay": v.non_negative,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq", "exp_avg_lr")
     scalars_from_step = True
@@ -58,13 +62,14 @@ class AdaMod(Optimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
         stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
+                        maximize=maximize, cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -77,6 +82,7 @@ class AdaMod(Optimizer):
             lr=lr, beta1=beta1, beta2=beta2, beta3=group["beta3"], eps=group["eps"],
             weight_decay=group["weight_decay"],
             step_size=lr * math.sqrt(1 - beta2**t) / (1 - beta1**t),
+            cautious=group["cautious"],
         )
 
     @staticmethod
@@ -88,4 +94,9 @@ class AdaMod(Optimizer):
         step = s.step_size / (sqrt(exp_avg_sq) + s.eps)
         exp_avg_lr = exp_avg_lr * s.beta3 + (1 - s.beta3) * step
         step = minimum(step, exp_avg_lr)
-        return p - step * exp_avg, exp_avg, exp_avg_sq, exp_avg_lr
+        u = step * exp_avg
+        if s.cautious:
+            return (p - masked(u, g, s.cautious_scale), exp_avg, exp_avg_sq, exp_avg_lr,
+                    agreement(u, g))
+        else:
+            return p - u, exp_avg, exp_avg_sq, exp_avg_lr

@@ -7,6 +7,7 @@ from typing import NamedTuple
 from .. import validation as v
 from ..engines.ops import sign
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 
 
 class LionScalars(NamedTuple):
@@ -14,9 +15,11 @@ class LionScalars(NamedTuple):
     beta1: float
     beta2: float
     weight_decay: float
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class Lion(Optimizer):
+class Lion(Cautious, Optimizer):
     r"""Lion ("EvoLved Sign Momentum"): the update is the sign of an interpolated momentum.
 
     .. math::
@@ -36,6 +39,7 @@ class Lion(Optimizer):
         "betas": v.betas,
         "weight_decay": v.non_negative,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("exp_avg",)
     scalars_from_step = True
@@ -48,12 +52,14 @@ class Lion(Optimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
         stochastic_rounding: bool = False,
     ):
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                        cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -62,13 +68,16 @@ class Lion(Optimizer):
         self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         return LionScalars(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                           weight_decay=group["weight_decay"])
+                           weight_decay=group["weight_decay"], cautious=group["cautious"])
 
     @staticmethod
     def update(s: LionScalars, p, g, exp_avg):
         if s.weight_decay != 0:
             p = p * (1 - s.lr * s.weight_decay)
         direction = exp_avg * s.beta1 + (1 - s.beta1) * g
-        p = p - s.lr * sign(direction)
+        u = s.lr * sign(direction)
         exp_avg = exp_avg * s.beta2 + (1 - s.beta2) * g
-        return p, exp_avg
+        if s.cautious:
+            return p - masked(u, g, s.cautious_scale), exp_avg, agreement(u, g)
+        else:
+            return p - u, exp_avg

@@ -9,6 +9,7 @@ import torch
 from .. import validation as v
 from ..engines.ops import lerp, sqrt
 from ..optimizer import Optimizer, scalar_dtype
+from .cautious import Cautious, agreement
 
 
 class NAdamScalars(NamedTuple):
@@ -21,9 +22,11 @@ class NAdamScalars(NamedTuple):
     inv_bias_correction2: float  # 1 / (1 - beta2^t)
     grad_coef: float  # lr (1 - mu_t) / (1 - prod_{i<=t} mu_i)
     exp_avg_coef: float  # lr mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class NAdam(Optimizer):
+class NAdam(Cautious, Optimizer):
     r"""NAdam (Dozat, 2016); torch semantics and checkpoint layout.
 
     .. math::
@@ -48,6 +51,7 @@ class NAdam(Optimizer):
         "momentum_decay": v.non_negative,
         "decoupled_weight_decay": v.flag,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq")
     scalars_from_step = True
@@ -65,6 +69,7 @@ class NAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
@@ -72,7 +77,8 @@ class NAdam(Optimizer):
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                        cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -108,6 +114,7 @@ class NAdam(Optimizer):
             inv_bias_correction2=1 / (1 - beta2**t),
             grad_coef=lr * (1.0 - mu) / (1.0 - mu_product),
             exp_avg_coef=lr * mu_next / (1.0 - mu_product * mu_next),
+            cautious=group["cautious"],
         )
 
     @staticmethod
@@ -121,5 +128,11 @@ class NAdam(Optimizer):
         exp_avg_sq = exp_avg_sq * s.beta2 + (1 - s.beta2) * (g * g)
         # one division per element (the kernels are bound by the divider, not by memory)
         inv = 1 / (sqrt(exp_avg_sq * s.inv_bias_correction2) + s.eps)
-        p = p - s.grad_coef * (g * inv) - s.exp_avg_coef * (exp_avg * inv)
-        return p, exp_avg, exp_avg_sq
+        grad_term = s.grad_coef * (g * inv)
+        exp_avg_term = s.exp_avg_coef * (exp_avg * inv)
+        if s.cautious:
+            keep = agreement(grad_term + exp_avg_term, g)
+            p = p - grad_term * (keep * s.cautious_scale) - exp_avg_term * (keep * s.cautious_scale)
+            return p, exp_avg, exp_avg_sq, keep
+        else:
+            return p - grad_term - exp_avg_term, exp_avg, exp_avg_sq

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from .. import validation as v
 from ..engines.ops import lerp, sqrt
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 
 
 def rectification(beta2: float, t: float) -> tuple[float, float]:
@@ -33,9 +34,11 @@ class RAdamScalars(NamedTuple):
     rectified: bool  # rho_t > 5
     bias_correction1: float
     adaptive_coef: float  # lr * r_t * sqrt(1 - beta2^t), used when rectified
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class RAdam(Optimizer):
+class RAdam(Cautious, Optimizer):
     r"""RAdam (Liu et al., 2020); torch semantics and checkpoint layout.
 
     With :math:`\rho_t, r_t` from :func:`rectification`: if :math:`\rho_t > 5`,
@@ -60,6 +63,7 @@ class RAdam(Optimizer):
         "weight_decay": v.non_negative,
         "decoupled_weight_decay": v.flag,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("exp_avg", "exp_avg_sq")
     scalars_from_step = True
@@ -76,13 +80,15 @@ class RAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
         stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                        cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -98,6 +104,7 @@ class RAdam(Optimizer):
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
             rectified=rectified, bias_correction1=1 - beta1**t,
             adaptive_coef=lr * rect * (1 - beta2**t) ** 0.5 if rectified else 0.0,
+            cautious=group["cautious"],
         )
 
     @staticmethod
@@ -111,7 +118,10 @@ class RAdam(Optimizer):
         exp_avg_sq = exp_avg_sq * s.beta2 + (1 - s.beta2) * (g * g)
         corrected = exp_avg / s.bias_correction1
         if s.rectified:
-            p = p - corrected * s.adaptive_coef / (sqrt(exp_avg_sq) + s.eps)
+            u = corrected * s.adaptive_coef / (sqrt(exp_avg_sq) + s.eps)
         else:
-            p = p - corrected * s.lr
-        return p, exp_avg, exp_avg_sq
+            u = corrected * s.lr
+        if s.cautious:
+            return p - masked(u, g, s.cautious_scale), exp_avg, exp_avg_sq, agreement(u, g)
+        else:
+            return p - u, exp_avg, exp_avg_sq

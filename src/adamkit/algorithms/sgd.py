@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..optimizer import Optimizer
+from .cautious import Cautious, agreement, masked
 
 
 class SGDScalars(NamedTuple):
@@ -15,9 +16,11 @@ class SGDScalars(NamedTuple):
     weight_decay: float
     nesterov: bool
     first: bool  # no momentum buffer yet: it starts as the gradient itself
+    cautious: bool = False
+    cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
 
-class SGD(Optimizer):
+class SGD(Cautious, Optimizer):
     r"""Stochastic gradient descent, optionally with (Nesterov) momentum; torch semantics.
 
     Coupled decay :math:`g \leftarrow g + \lambda\theta`. With momentum :math:`\mu`:
@@ -41,6 +44,7 @@ class SGD(Optimizer):
         "weight_decay": v.non_negative,
         "nesterov": v.flag,
         "maximize": v.flag,
+        "cautious": v.flag,
     }
     slot_names = ("momentum_buffer",)
     scalars_from_step = True
@@ -59,13 +63,15 @@ class SGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
         on_nonfinite: str = "apply",
         stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        cautious=cautious)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite,
                          stochastic_rounding=stochastic_rounding)
@@ -88,7 +94,7 @@ class SGD(Optimizer):
         return SGDScalars(
             lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-            first="momentum_buffer" not in state,
+            first="momentum_buffer" not in state, cautious=group["cautious"],
         )
 
     def step_sparse_parameter(self, group, p, grad, state):
@@ -110,6 +116,7 @@ class SGD(Optimizer):
     def update(s: SGDScalars, p, g, momentum_buffer):
         if s.weight_decay != 0:
             g = g + s.weight_decay * p
+        grad = g  # what the Cautious mask compares with
         if s.momentum != 0:
             if s.first:
                 momentum_buffer = g
@@ -119,4 +126,8 @@ class SGD(Optimizer):
                 g = g + s.momentum * momentum_buffer
             else:
                 g = momentum_buffer
-        return p - s.lr * g, momentum_buffer
+        u = s.lr * g
+        if s.cautious:
+            return p - masked(u, grad, s.cautious_scale), momentum_buffer, agreement(u, grad)
+        else:
+            return p - u, momentum_buffer

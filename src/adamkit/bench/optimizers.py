@@ -7,6 +7,8 @@ optimizer with preset flags, so that a benchmark can compare them side by side:
   sgdn      sgd with momentum=0.9, nesterov=True
   amsgrad   adam with amsgrad=True
   amsbound  adabound with amsbound=True
+  cadamw    adamw with cautious=True (C-AdamW)
+  clion     lion with cautious=True (C-Lion)
 
 Only the hyperparameters a user sets are passed to the constructor, so each optimizer's own
 defaults apply to the rest. An invalid value surfaces the optimizer's own ValueError message.
@@ -29,6 +31,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "sgdn": ("sgd", {"momentum": 0.9, "nesterov": True}, "SGD with Nesterov momentum 0.9"),
     "amsgrad": ("adam", {"amsgrad": True}, "Adam with amsgrad=True (Reddi et al. 2018)"),
     "amsbound": ("adabound", {"amsbound": True}, "AdaBound with amsbound=True"),
+    "cadamw": ("adamw", {"cautious": True}, "AdamW with cautious=True (C-AdamW, Liang et al. 2024)"),
+    "clion": ("lion", {"cautious": True}, "Lion with cautious=True (C-Lion, Liang et al. 2024)"),
 }
 
 # Optimizers that need sparse gradients are not run on the dense workloads by default.

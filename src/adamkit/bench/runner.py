@@ -453,7 +453,16 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
     statistics = _StepStatistics(model.named_parameters()) if writer is not None else None
 
     def evaluate(step):
-        metrics = task.evaluate()
+        # Schedule-Free optimizers evaluate at their averaged point: .eval() swaps it in and
+        # .train() swaps the gradient point back (torch.optim optimizers have neither)
+        switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+        if switch:
+            optimizer.eval()
+        try:
+            metrics = task.evaluate()
+        finally:
+            if switch:
+                optimizer.train()
         entry = {"step": step, "time_s": state["train_time_s"],
                  "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None}
         entry.update(metrics)
