@@ -631,9 +631,9 @@ def test_kernels_are_compiled_per_outcome_of_scalar_branches():
 
     program = compiler._rule_program(Adam.update)
     assert [kind for kind, _ in program.points] == ["if", "if", "if"]
-    plain = program.source((False, False, False))  # no decay, not decoupled, no AMSGrad
+    plain = program.source((False, False, False), codegen.RULE_DECORATOR)  # no decay, not decoupled, no AMSGrad
     assert "maximum(" not in plain and "weight_decay" not in plain
-    amsgrad = program.source((True, True, True))
+    amsgrad = program.source((True, True, True), codegen.RULE_DECORATOR)
     assert "maximum(" in amsgrad and "weight_decay" in amsgrad
     fisher = compiler._rule_program(_clip_sums_pass)
     assert fisher.points == [("pow", "_E(s.power)")]
