@@ -323,7 +323,10 @@ def plot_lr_sensitivity(sweeps: dict[str, list[tuple[float, float]]], chosen: di
         ax.set_yscale("log")
     if finite:
         low, high = min(finite), max(finite)
-        ax.set_ylim(low / 1.3, high * 1.3) if positive else ax.set_ylim(low - 0.1 * abs(low), high + 0.1 * abs(high) + 1e-12)
+        if positive:
+            ax.set_ylim(low / 1.3, high * 1.3)
+        else:
+            ax.set_ylim(low - 0.1 * abs(low), high + 0.1 * abs(high) + 1e-12)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final held-out loss of the sweep run")
     ax.set_title(f"{workload}: learning-rate sensitivity\n(circle = chosen; ▲ on the top edge = diverged or "
