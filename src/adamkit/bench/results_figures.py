@@ -21,6 +21,11 @@ def _finish(fig, ax_list, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def _union_colors(panels: dict) -> dict:
+    """One color per name over all panels, so a name keeps its color from panel to panel."""
+    return _colors(list(dict.fromkeys(name for curves in panels.values() for name in curves)))
+
+
 def _panels(count: int, width: float = 4.6, height: float = 3.8, layout: str | None = None):
     plt = _pyplot()
     fig, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False, layout=layout)
@@ -32,8 +37,8 @@ def loss_vs_lr(panels: dict, caps: dict, path: Path, ylabel: str = "final held-o
     """``panels[workload][name]`` = [(lr, loss)]; ``caps[workload]`` = the loss at initialisation: a point
     above it (or infinite) is marked at the top edge."""
     fig, axes = _panels(len(panels))
+    colors = _union_colors(panels)
     for ax, (workload, curves) in zip(axes, panels.items()):
-        colors = _colors(list(curves))
         cap = caps.get(workload, math.inf)
         for name, points in curves.items():
             points = sorted(points)
@@ -53,8 +58,8 @@ def loss_vs_lr(panels: dict, caps: dict, path: Path, ylabel: str = "final held-o
 def target_curves(panels: dict, targets: dict, path: Path) -> None:
     """``panels[workload][name]`` = (metric, {step: mean value over seeds}); ``targets[workload]`` = (metric, value)."""
     fig, axes = _panels(len(panels))
+    colors = _union_colors(panels)
     for ax, (workload, curves) in zip(axes, panels.items()):
-        colors = _colors(list(curves))
         metric, value = targets[workload]
         for name, (_, points) in curves.items():
             steps = sorted(points)
