@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "interrupted run continues.")
     results.add_argument("--out", default="docs", metavar="DIR", help="output folder (default: docs)")
     results.add_argument("--scale", default="default", choices=["default", "full", "test"],
-                         help="default: about 30 minutes on 2 CPU cores; full: more seeds, longer budgets; "
+                         help="default: what docs/RESULTS.md shows (38 minutes on 2 busy CPU cores, less on idle "
+                              "ones); full: more seeds, longer budgets; "
                               "test: a few seconds of training, for the tests only (its verdicts mean nothing)")
     results.add_argument("--jobs", "-j", type=int, default=2, metavar="N",
                          help="runs in N parallel worker processes (default 2; 1 runs everything in this process)")
