@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adamkit-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test results clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/adamkit bench --suite quick --out runs/demo
+
+# docs/RESULTS.md and its figures: every claim measured (about 30 minutes on 2 cores; reruns reuse runs)
+results: $(STAMP)
+	$(VENV)/bin/adamkit results --out docs --jobs 2
 
 # -n auto: one test process per core; they share the on-disk kernel cache
 test: $(STAMP)

@@ -1,6 +1,7 @@
 """The ``adamkit`` command: argument parsing only; the work is in ``adamkit.bench.commands``.
 
-Subcommands: train, bench, tune, landscape, report, speed. A subcommand's parser may carry
+Subcommands: train, bench, tune, landscape, report, results, speed, kernels. A subcommand's
+parser may carry
 ``set_defaults(handler=...)``, a function that takes the parsed arguments and returns the exit status
 (``speed`` does, with ``adamkit.bench.speed.run``); without a handler, ``main`` calls the function of
 ``adamkit.bench.commands`` named after the subcommand.
@@ -21,6 +22,7 @@ Compare the Adam family of optimizers on real training, offline.
   adamkit train --workload examples/my_workload.py:make --optimizer adamw
   adamkit landscape --function rosenbrock --optimizers adam,sgd,adabound --out rosenbrock.png
   adamkit report runs/demo
+  adamkit results --out docs
   adamkit speed --shapes gpt2 --scale 0.25 --compare
 
 `adamkit train --list` prints the workloads, optimizers and schedules."""
@@ -219,6 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", metavar="DIR", help="a bench output folder")
     report.add_argument("--quiet", "-q", action="store_true", help="print only the leaderboards")
 
+    # results --------------------------------------------------------------------------------
+    results = sub.add_parser(
+        "results", help="measure the claims about Adam and its family; write OUT/RESULTS.md",
+        description="Run a fixed set of experiments on the built-in offline workloads, one per claim (speed of "
+                    "convergence, learning-rate sensitivity, decoupled weight decay, AMSGrad, warm-up, AdaBound, "
+                    "sparse gradients, memory), and write OUT/RESULTS.md with figures in OUT/results-figures/: "
+                    "per claim the experiment, a figure, a table over seeds and a verdict computed by a stated "
+                    "rule. Runs are recorded in OUT/results-runs/results.jsonl; a rerun reuses them, so an "
+                    "interrupted run continues.")
+    results.add_argument("--out", default="docs", metavar="DIR", help="output folder (default: docs)")
+    results.add_argument("--scale", default="default", choices=["default", "full", "test"],
+                         help="default: what docs/RESULTS.md shows (38 minutes on 2 busy CPU cores, less on idle "
+                              "ones); full: more seeds, longer budgets; "
+                              "test: a few seconds of training, for the tests only (its verdicts mean nothing)")
+    results.add_argument("--jobs", "-j", type=int, default=2, metavar="N",
+                         help="runs in N parallel worker processes (default 2; 1 runs everything in this process)")
+    results.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run (default 1)")
+    results.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    results.set_defaults(handler=_results)
+
     # speed ----------------------------------------------------------------------------------
     from adamkit.bench import speed as speed_module
     speed = sub.add_parser(
@@ -245,6 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     kernels_module.add_arguments(kernels)
     kernels.set_defaults(handler=kernels_module.main)
     return parser
+
+
+def _results(args) -> int:
+    from adamkit.bench.results import ResultsConfig, run_results
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    command = f"adamkit results --out {args.out} --scale {args.scale} --jobs {args.jobs}"
+    try:
+        result = run_results(ResultsConfig(out=args.out, scale=args.scale, jobs=args.jobs, threads=args.threads,
+                                           command=command), log=log)
+    except KeyboardInterrupt:
+        print(f"\nadamkit results: interrupted; finished runs are in {args.out}/results-runs/results.jsonl. "
+              "Rerun the same command to continue.", file=sys.stderr)
+        return 130
+    print(result["verdict_table"])
+    log(f"{result['completed']} run(s) done, {result['skipped']} reused, {result['elapsed_s'] / 60:.1f} min; "
+        f"wrote {result['markdown']} and {len(result['figures'])} figures")
+    if result["failures"]:
+        print(f"adamkit results: {len(result['failures'])} run(s) failed:", file=sys.stderr)
+        for failure in result["failures"]:
+            print("  " + failure, file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

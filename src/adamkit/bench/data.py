@@ -117,6 +117,28 @@ def make_mnist1d(n_train: int = 4000, n_val: int = 1000, length: int = 40, seed:
 
 
 @functools.lru_cache(maxsize=2)
+def make_bag_of_words(vocab: int = 10000, n_train: int = 6000, n_val: int = 2000, length: int = 20,
+                      num_classes: int = 4, seed: int = 0) -> ArraySplit:
+    """Bags of ``length`` token ids drawn from a Zipf(1) distribution over ``vocab`` tokens, 4 classes.
+
+    Every token has a hidden score per class (standard normal); an example's class is the argmax of
+    its tokens' summed scores plus Gaussian noise (standard deviation 2), each class's column
+    centred on its median so that the classes are about balanced. Most tokens are rare, so a
+    mini-batch touches few rows of an embedding table: the setting of sparse-gradient optimizers.
+    Inputs are int64 token ids of shape (n, length); the data depend only on ``seed`` (cached).
+    """
+    rng = np.random.RandomState(seed)
+    frequency = 1.0 / np.arange(1, vocab + 1)
+    tokens = rng.choice(vocab, size=(n_train + n_val, length), p=frequency / frequency.sum())
+    scores = rng.randn(vocab, num_classes)
+    logits = scores[tokens].sum(axis=1) + 2.0 * rng.randn(n_train + n_val, num_classes)
+    logits -= np.median(logits, axis=0)  # the frequent tokens' scores would otherwise pick one class
+    labels = logits.argmax(axis=1).astype(np.int64)
+    tokens = tokens.astype(np.int64)
+    return ArraySplit(tokens[:n_train], labels[:n_train], tokens[n_train:], labels[n_train:], num_classes)
+
+
+@functools.lru_cache(maxsize=2)
 def stdlib_corpus(max_chars: int = 1_000_000) -> str:
     """The Python standard library's top-level ``*.py`` files, in name order, up to ``max_chars``."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -54,6 +54,26 @@ class DigitsCNN(nn.Module):
         return self.head(x.flatten(1))
 
 
+class BagOfWords(nn.Module):
+    """Linear bag-of-words classifier: the logits are the sum of the tokens' rows of one table.
+
+    The table (``embedding``, vocab x classes, zero-initialised) is the only parameter, so with
+    ``sparse=True`` every gradient is sparse (only the rows of the batch's tokens), which SparseAdam,
+    Adagrad and plain SGD accept; ``set_sparse`` switches an existing model.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, sparse: bool = False):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(vocab_size, num_classes, mode="sum", sparse=sparse)
+        nn.init.zeros_(self.embedding.weight)
+
+    def set_sparse(self, sparse: bool) -> None:
+        self.embedding.sparse = sparse
+
+    def forward(self, tokens):
+        return self.embedding(tokens)
+
+
 class KingmaBaCNN(nn.Module):
     """Kingma & Ba (2015) §6.3 CIFAR-10 network c64-c64-c128-1000.
 

@@ -6,6 +6,8 @@ Figures (matplotlib, Agg backend), per workload:
   curves-<workload>.png   the held-out curve over steps: mean over seeds and a min-max band
   ttt-<workload>.png      time to target: median steps over seeds (unreached runs marked)
   lr-<workload>.png       learning-rate sensitivity: final held-out loss of each sweep run
+A run that diverged, or ended above the workload's initial loss, is marked on the top edge of the
+axes (``mark_above``) instead of being plotted at its value, which could stretch the axis to 1e235.
 """
 from __future__ import annotations
 
@@ -185,33 +187,72 @@ def _save(fig, path: Path) -> None:
         raise
 
 
+def mark_above(ax, xs, color, label=None) -> None:
+    """Mark runs that left the plotted range (diverged, or worse than at the start) as triangles on
+    the top edge of ``ax`` at data x positions ``xs``."""
+    if not len(xs):
+        return
+    ax.scatter(list(xs), [1.0] * len(xs), marker="^", s=55, color=color, edgecolors="black", linewidths=0.6,
+               transform=ax.get_xaxis_transform(), clip_on=False, zorder=5, label=label)
+    ax.update_datalim([(float(x), 0.0) for x in xs], updatey=False)  # keep the marks inside the x range
+    ax.autoscale_view(scaley=False)
+
+
+def start_loss(records: list[dict], workload: str) -> float | None:
+    """The largest held-out loss at step 0 among ``workload``'s runs (the loss before training)."""
+    values = [r["history"][0].get("loss") for r in records
+              if r.get("workload") == workload and r.get("history") and r["history"][0].get("step") == 0]
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return max(values) if values else None
+
+
 def _colors(names):
     plt = _pyplot()
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     return {name: cmap(i % cmap.N) for i, name in enumerate(sorted(names))}
 
 
-def plot_curves(rows: list[dict], workload: str, path: Path) -> None:
+def plot_curves(rows: list[dict], workload: str, path: Path) -> tuple[float, float]:
     plt = _pyplot()
     spec = workload_registry.WORKLOADS.get(workload)
     metric = spec.curve_metric if spec else "loss"
     colors = _colors([r["optimizer"] + r["extra"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4.2))
     positive = True
+    # Losses: a curve that climbs above 1.5x the highest starting value has blown up; it is cut there
+    # and marked on the top edge, so the axis keeps the scale of the runs that trained.
+    ceiling = math.inf
+    if metric in ("loss", "bits_per_char"):
+        starts = [run["history"][0].get(metric) for row in rows for run in row["runs"]
+                  if run["history"] and run["history"][0].get("step") == 0]
+        starts = [v for v in starts if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+        if starts:
+            ceiling = 1.5 * max(starts)
     for row in rows:
         curves = []
         for run in row["runs"]:
             points = {h["step"]: h.get(metric) for h in run["history"] if h.get(metric) is not None}
             curves.append(points)
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        color = colors[row["optimizer"] + row["extra"]]
+        label = f"{row['optimizer']} (lr {row['lr']:.2g})" + (" — diverged" if row["diverged"] else "")
         if not steps:
+            if row["diverged"]:
+                mark_above(ax, [0], color, label=label)
             continue
         values = [[c[s] for c in curves] for s in steps]
         mean = [statistics.fmean(v) for v in values]
         low, high = [min(v) for v in values], [max(v) for v in values]
+        escaped = next((i for i, v in enumerate(high) if v > ceiling), None)
+        if escaped is not None:
+            mark_above(ax, [steps[escaped]], color)
+            steps, mean, low, high = steps[:escaped], mean[:escaped], low[:escaped], high[:escaped]
+        elif row["diverged"]:
+            mark_above(ax, [steps[-1]], color)
+        if not steps:
+            ax.plot([], [], color=color, label=label)
+            continue
         positive &= min(low) > 0
-        color = colors[row["optimizer"] + row["extra"]]
-        label = f"{row['optimizer']} (lr {row['lr']:.2g})" + (" — diverged" if row["diverged"] else "")
         ax.plot(steps, mean, color=color, label=label, linewidth=1.6)
         if row["seeds"] > 1:
             ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
@@ -227,8 +268,10 @@ def plot_curves(rows: list[dict], workload: str, path: Path) -> None:
     ax.set_title(f"{workload}: mean over {seeds} seed(s), band = min-max" if seeds > 1 else workload)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    limits = ax.get_ylim()
     _save(fig, path)
     plt.close(fig)
+    return limits
 
 
 def plot_time_to_target(rows: list[dict], workload: str, path: Path) -> None:
@@ -254,34 +297,47 @@ def plot_time_to_target(rows: list[dict], workload: str, path: Path) -> None:
 
 
 def plot_lr_sensitivity(sweeps: dict[str, list[tuple[float, float]]], chosen: dict[str, float], workload: str,
-                        path: Path) -> None:
+                        path: Path, ceiling: float | None = None):
+    """Final loss against lr; a run that diverged or ended above ``ceiling`` (the loss before training,
+    when known) is a triangle on the top edge. Returns the y limits."""
     plt = _pyplot()
     colors = _colors(list(sweeps))
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    finite = [loss for points in sweeps.values() for _, loss in points if math.isfinite(loss)]
-    ceiling = max(finite) if finite else 1.0
+    limit = math.inf if ceiling is None else ceiling
+
+    def kept(loss):
+        return math.isfinite(loss) and loss <= limit
+
+    finite = [loss for points in sweeps.values() for _, loss in points if kept(loss)]
     positive = bool(finite) and min(finite) > 0
     for name, points in sorted(sweeps.items()):
         lrs = [lr for lr, _ in points]
-        losses = [loss if math.isfinite(loss) else math.nan for _, loss in points]
+        losses = [loss if kept(loss) else math.nan for _, loss in points]
         ax.plot(lrs, losses, marker="o", color=colors[name], label=name, linewidth=1.4, markersize=4)
-        diverged = [lr for lr, loss in points if not math.isfinite(loss)]
-        if diverged:
-            ax.scatter(diverged, [ceiling] * len(diverged), marker="x", color=colors[name], s=40)
+        mark_above(ax, [lr for lr, loss in points if not kept(loss)], colors[name])
         if name in chosen:
             best = [loss for lr, loss in points if lr == chosen[name]]
-            if best and math.isfinite(best[0]):
+            if best and kept(best[0]):
                 ax.scatter([chosen[name]], best, s=110, facecolors="none", edgecolors=colors[name], linewidths=1.5)
     ax.set_xscale("log")
     if positive:
         ax.set_yscale("log")
+    if finite:
+        low, high = min(finite), max(finite)
+        if positive:
+            ax.set_ylim(low / 1.3, high * 1.3)
+        else:
+            ax.set_ylim(low - 0.1 * abs(low), high + 0.1 * abs(high) + 1e-12)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final held-out loss of the sweep run")
-    ax.set_title(f"{workload}: learning-rate sensitivity (circle = chosen, x = diverged)")
+    ax.set_title(f"{workload}: learning-rate sensitivity\n(circle = chosen; ▲ on the top edge = diverged or "
+                 "ended above the initial loss)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    limits = ax.get_ylim()
     _save(fig, path)
     plt.close(fig)
+    return limits
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +456,8 @@ def generate(out: str | os.PathLike, log=None) -> dict:
         if sweeps.get(workload):
             chosen = {row["optimizer"]: row["lr"] for row in rows}
             path = figures / f"lr-{file_safe(workload)}.png"
-            plot_lr_sensitivity(sweeps[workload], chosen, workload, path)
+            plot_lr_sensitivity(sweeps[workload], chosen, workload, path,
+                                ceiling=start_loss(records, workload))
             written.append(path)
             blocks.append(("img", (path.relative_to(out).as_posix(), f"learning-rate sensitivity {workload}")))
 

@@ -11,6 +11,8 @@ Built in and offline:
   logreg-digits, mlp-digits, cnn-digits   scikit-learn's 8x8 digits
   mlp-mnist1d                   MNIST-1D-style signals generated locally
   charlm                        character-level transformer on the Python standard library's source
+  bow-zipf                      linear bag-of-words classifier over 10,000 Zipf-distributed tokens
+                                (an embedding table: the sparse-gradient workload of `adamkit results`)
 The user's own: FILE.py:make or package.module:make (see ``userworkload``).
 With data the user provides (--data-dir, or --download when online):
   logreg-mnist, mlp-mnist       Kingma & Ba (2015) §6.1 and §6.2 on MNIST
@@ -150,6 +152,12 @@ def _charlm(workload, context):
                       text, _batch(workload, context), context.seed, context=64, device=context.device)
 
 
+def _bag_of_words(workload, context):
+    split = datasets.make_bag_of_words()
+    model = models.BagOfWords(10000, split.num_classes)
+    return ClassificationTask(model, split, _batch(workload, context), context.seed, context.device)
+
+
 def _mnist_pixels(x):
     return x.float().div_(255.0)
 
@@ -235,6 +243,11 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              "source, or --data FILE",
              _charlm, steps=600, batch_size=32, target=Target("bits_per_char", 2.8), takes_data_file=True,
              report_metrics=("bits_per_char", "accuracy")),
+    Workload("bow-zipf", "model",
+             "linear bag-of-words classifier (one 10000x4 embedding table, summed rows) on 20-token bags of "
+             "Zipf-distributed synthetic tokens (6000/2000)",
+             _bag_of_words, steps=600, batch_size=64, target=Target("accuracy", 0.6, "max"),
+             report_metrics=("accuracy", "f1")),
     Workload("logreg-mnist", "model", "logistic regression on MNIST, minibatch 128, 1/sqrt(t) step decay (K&B §6.1)",
              _mnist(lambda: models.LogisticRegression(784, 10)), steps=4680, batch_size=128,
              target=Target("accuracy", 0.92, "max"), data="mnist", report_metrics=("accuracy", "f1"),
