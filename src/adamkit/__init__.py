@@ -11,6 +11,7 @@ from .algorithms.adamod import AdaMod
 from .algorithms.adopt import ADOPT
 from .algorithms.fadam import FAdam
 from .algorithms.lion import Lion
+from .algorithms.muon import Muon
 from .algorithms.nadam import NAdam
 from .algorithms.radam import RAdam
 from .algorithms.rmsprop import RMSprop
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SparseAdam",
-    "AdaBound", "AdaMod", "AdaBelief", "Lion", "FAdam", "Adafactor", "ADOPT",
+    "AdaBound", "AdaMod", "AdaBelief", "Lion", "Muon", "FAdam", "Adafactor", "ADOPT",
     "Optimizer", "available", "create", "param_groups", "schedules",
 ]

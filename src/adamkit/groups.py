@@ -1,4 +1,5 @@
-"""Split a model's parameters into a weight-decay group and a no-weight-decay group."""
+"""Split a model's parameters into a weight-decay group and a no-weight-decay group (and, for
+Muon, into Muon and AdamW groups)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ NORM_TYPES: tuple[type[nn.Module], ...] = _normalization_types()
 
 def param_groups(
     model: nn.Module,
-    weight_decay: float,
+    weight_decay: float | None = None,
     no_decay: Iterable[str | type[nn.Module]] = (),
     lr: float | torch.Tensor | None = None,
     decay_embeddings: bool = True,
+    muon: bool = False,
 ) -> list[dict[str, Any]]:
     """Parameter groups for an optimizer, with no weight decay on biases and normalization layers.
 
@@ -73,14 +75,40 @@ def param_groups(
         decay_embeddings: default True, following nanoGPT and Hugging Face's Trainer, which decay
             embedding tables; False follows minGPT, which does not.
 
+    With ``muon=True`` the groups are for :class:`adamkit.Muon`: each of the above is split
+    into a Muon group (``"use_muon": True``) and an AdamW group (``"use_muon": False``), in the
+    order Muon decayed, Muon not decayed, AdamW decayed, AdamW not decayed (empty ones
+    omitted). A parameter is a Muon parameter when it is 2-D and none of these holds (judged,
+    like decay, under all its names and owners; AdamW wins):
+
+    * it belongs to an ``nn.Embedding`` / ``nn.EmbeddingBag``;
+    * it belongs to the output head: the last ``nn.Linear`` in ``model.named_modules()`` order,
+      or a Linear whose weight is tied to an embedding;
+    * it is a bias or belongs to a normalization layer (these are never 2-D in torch's layers).
+
+    Other parameters, conv kernels included (they are 3-D to 5-D: Muon is stated for
+    matrices), go to the AdamW groups. ``adamkit.Muon(param_groups(model, muon=True),
+    lr=0.02)`` then takes any model. Decay is decided as above in both kinds of group;
+    ``weight_decay`` may then be None: the decayed groups carry no ``"weight_decay"`` and take
+    the optimizer's (Muon's 0.1, and AdamW groups torch.optim.AdamW's 1e-2).
+
+    Args:
+        muon: default False (two groups, as above); True for Muon's groups.
+
     Example::
 
         groups = param_groups(model, weight_decay=0.1, no_decay=("*.pos_emb",))
         opt = torch.optim.AdamW(groups, lr=3e-4)
+        opt = adamkit.Muon(param_groups(model, muon=True), lr=0.02)
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model: {type(model).__name__} (must be a torch.nn.Module)")
-    weight_decay = _check_non_negative("weight_decay", weight_decay)
+    if not isinstance(muon, bool):
+        raise ValueError(f"Invalid muon: {muon!r} (must be True or False)")
+    if weight_decay is None and not muon:
+        raise ValueError("Invalid weight_decay: None (must be >= 0; None only with muon=True)")
+    if weight_decay is not None:
+        weight_decay = _check_non_negative("weight_decay", weight_decay)
     if lr is not None and not isinstance(lr, torch.Tensor):
         lr = _check_non_negative("lr", lr)
     patterns, module_types = _split_no_decay(no_decay)
@@ -92,8 +120,16 @@ def param_groups(
     # model.parameters() follows, and dicts keep first-seen order, so the groups list parameters
     # in model.parameters() order.
     seen: dict[int, list[Any]] = {}
+    # the output head (muon=True): the last Linear, and Linears tied to an embedding
+    linears = [m for _, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, nn.Linear)]
+    embedding_ids = {id(p) for m in model.modules()
+                     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for p in m.parameters()}
+    heads = {id(m) for m in linears[-1:]} | {
+        id(m) for m in linears if id(m.weight) in embedding_ids}
     for module_name, module in model.named_modules(remove_duplicate=False):
         module_excluded = isinstance(module, excluded_types)
+        adamw_module = isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or id(module) in heads
         for full_name, parameter in module.named_parameters(
             prefix=module_name, recurse=False, remove_duplicate=False
         ):
@@ -104,19 +140,28 @@ def param_groups(
                 or full_name.rpartition(".")[2] == "bias"
                 or any(fnmatch.fnmatchcase(full_name, pattern) for pattern in patterns)
             )
-            entry = seen.setdefault(id(parameter), [parameter, False])
+            adamw = (adamw_module or full_name.rpartition(".")[2] == "bias"
+                     or isinstance(module, NORM_TYPES) or parameter.dim() != 2)
+            entry = seen.setdefault(id(parameter), [parameter, False, False])
             entry[1] = entry[1] or exempt
+            entry[2] = entry[2] or adamw
 
     entries = list(seen.values())
-    decayed = [parameter for parameter, exempt in entries if not exempt]
-    not_decayed = [parameter for parameter, exempt in entries if exempt]
-
+    kinds = [(None, False), (None, True)] if not muon else [
+        (True, False), (True, True), (False, False), (False, True)]
     groups: list[dict[str, Any]] = []
-    for parameters, decay in ((decayed, weight_decay), (not_decayed, 0.0)):
+    for use_muon, exempt_kind in kinds:
+        parameters = [parameter for parameter, exempt, adamw in entries
+                      if exempt == exempt_kind and (use_muon is None or adamw != use_muon)]
         if parameters:
-            group: dict[str, Any] = {"params": parameters, "weight_decay": decay}
+            group: dict[str, Any] = {"params": parameters}
+            decay = 0.0 if exempt_kind else weight_decay
+            if decay is not None:
+                group["weight_decay"] = decay
             if lr is not None:
                 group["lr"] = lr
+            if use_muon is not None:
+                group["use_muon"] = use_muon
             groups.append(group)
     return groups
 

@@ -12,6 +12,7 @@ from .algorithms.adamod import AdaMod
 from .algorithms.adopt import ADOPT
 from .algorithms.fadam import FAdam
 from .algorithms.lion import Lion
+from .algorithms.muon import Muon
 from .algorithms.nadam import NAdam
 from .algorithms.radam import RAdam
 from .algorithms.rmsprop import RMSprop
@@ -31,6 +32,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adopt": ADOPT,
     "fadam": FAdam,
     "lion": Lion,
+    "muon": Muon,
     "nadam": NAdam,
     "radam": RAdam,
     "rmsprop": RMSprop,

@@ -71,7 +71,7 @@ def resolve(name: str) -> OptimizerSpec:
 
 @functools.lru_cache(maxsize=None)
 def _constructor_defaults(base: str) -> tuple[tuple[str, object], ...]:
-    probe = torch.zeros(1, requires_grad=True)
+    probe = torch.zeros(1, 1, requires_grad=True)  # 2-D: Muon takes matrices only
     optimizer = adamkit.create(base, [probe])
     parameters = inspect.signature(type(optimizer).__init__).parameters
     return tuple(
@@ -269,10 +269,12 @@ SEARCH_SPACES: dict[str, tuple] = {
     "lion": (_one_minus("beta1", 1e-2, 0.5), _one_minus("beta2", 1e-3, 1e-1), _WD_DECOUPLED),
     "fadam": (_BETA1, _BETA2, "eps", _WD_DECOUPLED),
     "adafactor": (SearchParam("beta2_decay", -1.0, -0.5), _WD_DECOUPLED),
+    # an "lr" entry replaces the default lr range; Muon's lr is not AdamW-like (1e-3 default)
+    "muon": (SearchParam("lr", 3e-3, 0.1, log=True), SearchParam("momentum", 0.9, 0.98), _WD_DECOUPLED),
 }
 
 # Optimizers whose weight decay is decoupled (p <- p (1 - lr wd)); tune draws lr x wd contours for them.
-DECOUPLED_DECAY = {"adamw", "adabelief", "lion", "fadam", "adafactor"}
+DECOUPLED_DECAY = {"adamw", "adabelief", "lion", "fadam", "adafactor", "muon"}
 
 
 def search_space(spec: OptimizerSpec) -> list[SearchParam]:
@@ -283,6 +285,8 @@ def search_space(spec: OptimizerSpec) -> list[SearchParam]:
     defaults = constructor_defaults(spec)
     lr = default_lr(spec)
     space = [SearchParam("lr", lr / 100, lr * 100, log=True)]
+    if any(isinstance(e, SearchParam) and e.name == "lr" for e in SEARCH_SPACES[spec.name]):
+        space = []  # the entry states its own lr range
     for entry in SEARCH_SPACES[spec.name]:
         if entry == "eps":
             eps = float(defaults["eps"])

@@ -393,7 +393,14 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
     eval_every = c.eval_every or run.workload.eval_every(total)
     log_every = c.log_every or max(1, total // 50)
 
-    if c.param_groups:
+    if run.spec.base == "muon":  # Muon takes matrices: the rest goes to its AdamW groups
+        params = adamkit.param_groups(
+            model, muon=True,
+            weight_decay=run.hyperparameters.get("weight_decay") if c.param_groups else None)
+        if not c.param_groups:  # no-decay groups only with --param-groups, as for the others
+            for group in params:
+                group.pop("weight_decay", None)
+    elif c.param_groups:
         decay = run.hyperparameters.get("weight_decay", optim_names.constructor_defaults(run.spec)["weight_decay"])
         params = adamkit.param_groups(model, weight_decay=decay)
     else:

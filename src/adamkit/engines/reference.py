@@ -2,7 +2,7 @@
 
 A rule's ``apply`` talks to an engine through the primitives listed in :class:`ReferenceEngine`
 (``map``, ``sums_where``, ``mean_sq_last_dims``, ``sq_stats_last_dims``, ``mean_rows``,
-``per_tensor``); every backend implements exactly these (the fused CPU engine in
+``per_tensor``, ``orthogonalize``); every backend implements exactly these (the fused CPU engine in
 :mod:`adamkit.engines.cpu`), and is tested against this one. The reference engine evaluates a
 rule with torch operations on whole tensors; it runs on any device and any floating dtype and
 is the oracle every other engine is tested against. Readability beats speed here: each ``map`` materialises its results and copies them
@@ -40,6 +40,31 @@ def round_bfloat16_stochastic(x: Tensor, seed: int) -> Tensor:
     return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
 
 
+def newton_schulz(u: Tensor, coefficients, steps: int, eps: float) -> Tensor:
+    """The Newton–Schulz orthogonalisation of a matrix, as ``torch.optim.Muon`` computes it.
+
+    In bfloat16: ``X = u / max(||u||_F, eps)`` (transposed first when ``u`` has more rows than
+    columns, so that the Gram matrix is the smaller one), then ``steps`` times
+    ``A = X Xᵀ``, ``B = b·A + c·A·A``, ``X = a·X + B·X`` with ``(a, b, c) = coefficients``;
+    transposed back. Returns a bfloat16 tensor of ``u``'s shape (a transposed view for tall
+    ``u``, as torch's). The same torch operations in the same order as torch's
+    ``_zeropower_via_newtonschulz``, so the result is torch's bit for bit on the same device.
+    ``u`` is never written (torch's divides a bfloat16 ``u`` in place: its momentum buffer
+    where ``nesterov=False``; adamkit copies it).
+    """
+    a, b, c = (float(x) for x in coefficients)
+    tall = u.size(0) > u.size(1)
+    x = u.to(torch.bfloat16, copy=True)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(int(steps)):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    return x.T if tall else x
+
+
 class ReferenceEngine:
     """Executes the primitives a rule's ``apply`` is written with, in eager torch.
 
@@ -66,6 +91,11 @@ class ReferenceEngine:
     * ``per_tensor(fn, t, *args)``: ``fn(t, *args)``, torch code on one whole tensor (Adafactor's
       norm from that mean); a vectorized run of a generator ``apply`` gets an array of its
       values, one per tensor ``t`` stands for, so ``fn`` must return a number there.
+    * ``orthogonalize(u, coefficients, steps, eps)``: a whole-matrix stage (matrix multiplies,
+      not an element rule): :func:`newton_schulz` of the 2-D tensor ``u``, a bfloat16 tensor of
+      its shape (Muon). ``u`` must hold what the maps before it wrote (an engine that defers
+      maps runs them first). Every engine computes it with these torch matmuls, so the result
+      does not depend on the engine.
     """
 
     name = "reference"
@@ -123,6 +153,9 @@ class ReferenceEngine:
 
     def mean_rows(self, x: Tensor) -> Tensor:
         return x.mean(dim=-2, keepdim=True)
+
+    def orthogonalize(self, u: Tensor, coefficients, steps: int, eps: float) -> Tensor:
+        return newton_schulz(u, coefficients, steps, eps)
 
     def mean_sq_last_dims(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._load(x)

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...compiler import KernelUnsupported, block_outcomes, rule_outcomes
-from ..reference import ReferenceEngine, compute_dtype
+from ..reference import ReferenceEngine, compute_dtype, newton_schulz
 from .batch import (KernelBatch, Pending, _broadcast_shape, _Call, _collapse_strides, _negated,
                     _numpy, _PerTensor)
 from .codegen import (_FLOAT_ARRAYS, _ROW_STATS_KINDS, CHUNK, MEAN_ROWS_ITEM, SERIAL_BELOW,
@@ -437,3 +437,11 @@ class FusedEngine:
         else:
             kernel(*args)
         return rows, cols
+
+    def orthogonalize(self, u: Tensor, coefficients, steps: int, eps: float) -> Tensor:
+        """The contract's whole-matrix stage (:func:`~adamkit.engines.reference.newton_schulz`):
+        matrix multiplies are torch's (its BLAS), not element rules, so this engine delegates
+        to them after running any queued map that writes ``u``. The result is made contiguous
+        so that the kernels can read it."""
+        self._after_queued_writes([u])
+        return newton_schulz(u, coefficients, steps, eps).contiguous()

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ...compiler import rule_outcomes
-from ..reference import ReferenceEngine
+from ..reference import ReferenceEngine, newton_schulz
 from . import codegen
 
 Tensor = torch.Tensor
@@ -246,6 +246,13 @@ class TritonEngine:
         if not where:
             return [0.0] * n_sums
         return self.map(fn, s, ins, [], n_sums)
+
+    def orthogonalize(self, u: Tensor, coefficients, steps: int, eps: float) -> Tensor:
+        """The contract's whole-matrix stage: torch's matmuls (cuBLAS) after the queued maps
+        have run (see :func:`~adamkit.engines.reference.newton_schulz`); contiguous, so that
+        the kernels can read it."""
+        self.queue.flush()
+        return newton_schulz(u, coefficients, steps, eps).contiguous()
 
     def mean_rows(self, x: Tensor) -> Tensor:
         self.queue.flush()
