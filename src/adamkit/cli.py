@@ -67,6 +67,22 @@ def _add_common(parser: argparse.ArgumentParser, threads_help: str) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
+def _add_distributed(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group(
+        "distributed", f"{what} through torch.distributed.run (torchrun): gloo on the CPU, nccl on CUDA. "
+        "--batch-size stays the global batch; each rank trains on its slice of every batch. Logs come from "
+        "rank 0; --checkpoint is a torch.distributed.checkpoint folder that --resume continues at any --nproc.")
+    group.add_argument("--nproc", type=int, metavar="N", help="processes (ranks) per node")
+    group.add_argument("--strategy", choices=["ddp", "zero", "fsdp2"],
+                       help="ddp: DistributedDataParallel (default); zero: DDP with ZeroRedundancyOptimizer "
+                            "(sharded optimizer state); fsdp2: fully_shard (sharded parameters, DTensor)")
+    group.add_argument("--nnodes", type=int, default=1, help="machines (default 1), as torchrun's --nnodes")
+    group.add_argument("--node-rank", type=int, default=0, help="this machine's rank (default 0)")
+    group.add_argument("--master-addr", metavar="HOST", help="address of node 0 (default 127.0.0.1)")
+    group.add_argument("--master-port", type=int, metavar="PORT",
+                       help="free port on node 0 (default: a free port on one node, 29500 on several)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adamkit", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (and at the end)")
     out.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     _add_common(train, "torch intra-op threads (default: torch's choice)")
+    _add_distributed(train, "Train with N processes per node")
 
     # bench ----------------------------------------------------------------------------------
     bench = sub.add_parser(
@@ -143,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
     _add_common(bench, "torch intra-op threads per run (default 1: small models run best on one thread "
                        "per process)")
+    bench_dist = bench.add_argument_group("distributed", "Run every training run with N local processes through "
+                                          "torch.distributed.run (one run at a time; --jobs does not apply).")
+    bench_dist.add_argument("--nproc", type=int, metavar="N", help="ranks per run")
+    bench_dist.add_argument("--strategy", choices=["ddp", "zero", "fsdp2"], help="ddp (default), zero or fsdp2")
 
     # tune -----------------------------------------------------------------------------------
     tune = sub.add_parser(
@@ -294,6 +315,7 @@ def _results(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # after the subcommand: what --nproc relaunches
     if args.command is None:
         parser.print_help()
         return 2

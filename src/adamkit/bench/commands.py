@@ -99,7 +99,12 @@ def train(args) -> int:
         data_file=args.data, download=args.download, device=args.device, eval_every=args.eval_every,
         threads=args.threads,
     )
+    from . import launch
+    if launch.wanted(args):  # N ranks through torch.distributed.run, each running this command
+        return launch.launch_train(args, config)
     summary = run_training(config)
+    if not args.quiet and summary.get("world_size", 1) > 1 and not launch.is_main_rank():
+        return 0  # the other ranks: rank 0 prints
     if not args.quiet:
         print(format_summary(summary))
     return 0
@@ -119,7 +124,7 @@ def bench(args) -> int:
         batch_size=args.batch_size, sweep_points=args.sweep_points, sweep_fraction=args.sweep_fraction,
         jobs=args.jobs if args.jobs is not None else default_jobs(), threads=args.threads or 1,
         data_dir=args.data_dir, download=args.download, device=args.device,
-        quiet=args.quiet, report=not args.no_report,
+        quiet=args.quiet, report=not args.no_report, nproc=args.nproc, strategy=args.strategy,
     )
     try:
         result = run_bench(config, log=log)

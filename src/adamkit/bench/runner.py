@@ -361,13 +361,17 @@ def run_training(config: TrainConfig, *, on_step=None, on_evaluate=None, prepare
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    from .launch import session
+    dist = session(config)  # a rank of `adamkit train --nproc N`, else None
     try:
-        return _train(run, config, on_step, on_evaluate)
+        return _train(run, dist.config if dist else config, on_step, on_evaluate, dist)
     finally:
         torch.set_num_threads(threads)  # leave the caller's setting as it was
+        if dist is not None:
+            dist.close()
 
 
-def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> dict:
+def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None, dist=None) -> dict:
     c = config
     wall_start = time.perf_counter()
 
@@ -380,6 +384,8 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
     model = task.model
     apply_init(model, c.init, torch.Generator().manual_seed(c.seed))
     model.train()
+    if dist is not None:
+        model = dist.wrap(task)  # DDP or FSDP2; this rank's slice of every batch
 
     if c.steps is not None:
         total = int(c.steps)
@@ -405,7 +411,7 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
         params = adamkit.param_groups(model, weight_decay=decay)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optim_names.create(run.spec, params, run.hyperparameters)
+    optimizer = (dist.create_optimizer if dist else optim_names.create)(run.spec, params, run.hyperparameters)
     scheduler, schedule_args = None, dict(run.schedule_args)
     if run.schedule is not None:
         function, schedule_args = build_schedule(run.schedule, run.schedule_args, total)
@@ -421,9 +427,12 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
     checkpoint_path = Path(c.checkpoint).expanduser() if c.checkpoint else None
     resumed = False
     if c.resume and checkpoint_path is not None:
-        if checkpoint_path.is_file():
+        if dist.exists(checkpoint_path) if dist else checkpoint_path.is_file():
             try:
-                saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+                saved = dist.load_meta(checkpoint_path) if dist else \
+                    torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            except UsageError:
+                raise
             except Exception as error:  # not a torch file, truncated, or holding foreign objects
                 raise UsageError(f"cannot read checkpoint {checkpoint_path}: {error}") from None
             if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
@@ -432,8 +441,11 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
                 different = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
                 raise UsageError(f"checkpoint {checkpoint_path} belongs to a different run (differs in: "
                                  f"{', '.join(different)})")
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
+            if dist is not None:  # a DCP checkpoint, at any world size
+                dist.load_state(checkpoint_path, model, optimizer)
+            else:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(saved["scheduler"])
             task.load_state_dict(saved["task"])
@@ -446,18 +458,20 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
 
     def save_checkpoint():
         state["wall_time_s"] = previous_wall + time.perf_counter() - wall_start
-        save_atomic({
-            "format": CHECKPOINT_FORMAT, "identity": identity, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "task": task.state_dict(), "history": history, "state": dict(state), "rng": _rng_state(),
-        }, checkpoint_path)
+        saved = {"format": CHECKPOINT_FORMAT, "identity": identity,
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "task": task.state_dict(), "history": history, "state": dict(state), "rng": _rng_state()}
+        if dist is not None:
+            dist.save(checkpoint_path, model, optimizer, saved, save_atomic)
+        else:
+            save_atomic(dict(saved, model=model.state_dict(), optimizer=optimizer.state_dict()), checkpoint_path)
 
     writer = None
     if c.logdir:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(Path(c.logdir).expanduser()))
-    statistics = _StepStatistics(model.named_parameters()) if writer is not None else None
+    statistics = (_StepStatistics(model.named_parameters())
+                  if writer is not None and (dist is None or dist.show_statistics()) else None)
 
     def evaluate(step):
         # Schedule-Free optimizers evaluate at their averaged point: .eval() swaps it in and
@@ -507,7 +521,7 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
             if scheduler is not None:
                 scheduler.step()
             task.after_step(step)
-            loss_value = float(loss.detach())
+            loss_value = dist.mean(loss) if dist else float(loss.detach())
             state["train_time_s"] += time.perf_counter() - begin
             state["step"] = step + 1
             if not math.isfinite(loss_value):
@@ -573,6 +587,8 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
         "train_time_s": state["train_time_s"],
         "diverged": state["diverged"],
         "resumed": resumed,
+        "world_size": dist.world_size if dist else 1,
+        "strategy": dist.strategy if dist else None,
         "final": _clean(final),
         "time_to_target": {"target": target.describe(), "step": state["target_step"],
                            "time_s": state["target_time_s"]},

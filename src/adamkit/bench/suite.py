@@ -86,6 +86,8 @@ class BenchConfig:
     device: str = "cpu"
     quiet: bool = False
     report: bool = True
+    nproc: int | None = None                # each model run with N ranks (torchrun); None: in one process
+    strategy: str | None = None             # ddp (default), zero or fsdp2
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class RunSpec:
     protocol: dict = field(default_factory=dict)   # recorded with the run; not part of its identity
     schedule: str | None = None
     schedule_args: dict = field(default_factory=dict)
+    nproc: int | None = None                       # ranks (adamkit train --nproc); not part of its identity
+    strategy: str | None = None
 
     def identity(self) -> dict:
         identity = {"phase": self.phase, "workload": self.workload, "optimizer": self.optimizer,
@@ -195,7 +199,11 @@ def execute(spec: RunSpec, out: str) -> dict:
     """Train one run and return its results record (called in this process or in a worker)."""
     from .runner import run_training
     tb = _fresh_tb_dir(Path(out), spec.name())
-    summary = run_training(_config(spec, str(tb)))
+    if spec.nproc is not None and _is_model(spec.workload):
+        from .launch import run_launched
+        summary = run_launched(_config(spec, str(tb)), spec.nproc, spec.strategy or "ddp")
+    else:  # functions have no data to share among ranks: they run in this process
+        summary = run_training(_config(spec, str(tb)))
     summary.pop("versions", None)
     record = {"key": spec.key, "run": spec.name(), "phase": spec.phase, "lr": spec.lr, "lr_source": spec.lr_source,
               "hyperparameters_user": {k: optim_names.to_json(v) for k, v in spec.hyperparameters.items() if k != "lr"},
@@ -203,6 +211,11 @@ def execute(spec: RunSpec, out: str) -> dict:
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     record.update(summary)
     return record
+
+
+def _is_model(workload: str) -> bool:
+    from . import workloads
+    return workloads.get(workload).kind == "model"
 
 
 def _fresh_tb_dir(out: Path, name: str) -> Path:
@@ -249,7 +262,7 @@ class Executor:
                 todo.append(spec)
         if not todo:
             return
-        if self.config.jobs <= 1:
+        if self.config.jobs <= 1 or self.config.nproc is not None:
             for spec in todo:
                 self._finish(*_execute_safely(spec, str(self.out)))
             return
@@ -342,6 +355,9 @@ def _validate(config: BenchConfig) -> tuple[list[workloads.Workload], list[str],
         raise UsageError(f"--sweep-points must be at least 1, got {config.sweep_points}")
     if config.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {config.jobs}")
+    if config.nproc is not None or config.strategy is not None:
+        from .launch import check_launch
+        check_launch(config.nproc, config.strategy)
     if config.steps is not None and config.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {config.steps}")
     if config.lr is not None and not config.lr > 0:
@@ -427,7 +443,9 @@ def run_bench(config: BenchConfig, log=None) -> dict:
                        batch_size=config.batch_size if combo.workload.kind == "model" else None,
                        lr_source=combo.lr_source, data_dir=config.data_dir, download=config.download,
                        device=config.device, threads=config.threads, protocol=protocol,
-                       schedule=config.schedule, schedule_args=dict(config.schedule_args))
+                       schedule=config.schedule, schedule_args=dict(config.schedule_args),
+                       nproc=config.nproc if config.nproc is not None or config.strategy is None else 1,
+                       strategy=config.strategy)
 
     def sweep_spec(combo, lr):
         steps = max(1, int(round(budget(combo.workload) * fraction)))
