@@ -14,6 +14,7 @@ from .algorithms.lion import Lion
 from .algorithms.nadam import NAdam
 from .algorithms.radam import RAdam
 from .algorithms.rmsprop import RMSprop
+from .algorithms.schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .algorithms.sgd import SGD
 from .algorithms.sparse_adam import SparseAdam
 from .groups import param_groups
@@ -26,4 +27,5 @@ __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SparseAdam",
     "AdaBound", "AdaMod", "AdaBelief", "Lion", "FAdam", "Adafactor", "ADOPT",
     "Optimizer", "available", "create", "param_groups", "schedules",
+    "ScheduleFreeAdamW", "ScheduleFreeSGD",
 ]

@@ -15,6 +15,7 @@ from .algorithms.lion import Lion
 from .algorithms.nadam import NAdam
 from .algorithms.radam import RAdam
 from .algorithms.rmsprop import RMSprop
+from .algorithms.schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .algorithms.sgd import SGD
 from .algorithms.sparse_adam import SparseAdam
 from .optimizer import Optimizer
@@ -36,6 +37,8 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "rmsprop": RMSprop,
     "sgd": SGD,
     "sparseadam": SparseAdam,
+    "schedulefreeadamw": ScheduleFreeAdamW,
+    "schedulefreesgd": ScheduleFreeSGD,
 }
 
 
