@@ -269,6 +269,10 @@ SEARCH_SPACES: dict[str, tuple] = {
     "lion": (_one_minus("beta1", 1e-2, 0.5), _one_minus("beta2", 1e-3, 1e-1), _WD_DECOUPLED),
     "fadam": (_BETA1, _BETA2, "eps", _WD_DECOUPLED),
     "adafactor": (SearchParam("beta2_decay", -1.0, -0.5), _WD_DECOUPLED),
+    # an "lr" entry replaces the default range (the default lr / 100 to * 100)
+    "schedulefreeadamw": (SearchParam("lr", 1e-4, 1e-1, log=True), SearchParam("warmup_steps", 0, 1000, kind="int"),
+                          SearchParam("beta1", 0.9, 0.98), SearchParam("weight_decay", 1e-5, 1.0, log=True, switch=True)),
+    "schedulefreesgd": (SearchParam("lr", 1e-3, 10.0, log=True), SearchParam("momentum", 0.5, 0.99)),
 }
 
 # Optimizers whose weight decay is decoupled (p <- p (1 - lr wd)); tune draws lr x wd contours for them.
@@ -284,6 +288,9 @@ def search_space(spec: OptimizerSpec) -> list[SearchParam]:
     lr = default_lr(spec)
     space = [SearchParam("lr", lr / 100, lr * 100, log=True)]
     for entry in SEARCH_SPACES[spec.name]:
+        if isinstance(entry, SearchParam) and entry.name == "lr":
+            space[0] = entry
+            continue
         if entry == "eps":
             eps = float(defaults["eps"])
             entry = SearchParam("eps", eps / 100, eps * 1e4, log=True)

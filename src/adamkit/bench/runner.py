@@ -437,14 +437,27 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
         elif not c.quiet:
             print(f"adamkit train: no checkpoint at {checkpoint_path}; starting from step 0", file=sys.stderr)
 
+    # Schedule-Free optimizers (.train()/.eval()) start in eval mode, as the reference's: train
+    # mode for the steps; checkpoints are saved in eval mode (the model holds the averaged point),
+    # as the reference recommends, so a resumed run switches back to train mode after loading
+    switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+    if switch:
+        optimizer.train()
+
     def save_checkpoint():
         state["wall_time_s"] = previous_wall + time.perf_counter() - wall_start
-        save_atomic({
-            "format": CHECKPOINT_FORMAT, "identity": identity, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "task": task.state_dict(), "history": history, "state": dict(state), "rng": _rng_state(),
-        }, checkpoint_path)
+        if switch:
+            optimizer.eval()
+        try:
+            save_atomic({
+                "format": CHECKPOINT_FORMAT, "identity": identity, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "task": task.state_dict(), "history": history, "state": dict(state), "rng": _rng_state(),
+            }, checkpoint_path)
+        finally:
+            if switch:
+                optimizer.train()
 
     writer = None
     if c.logdir:
@@ -455,7 +468,6 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None) -> 
     def evaluate(step):
         # Schedule-Free optimizers evaluate at their averaged point: .eval() swaps it in and
         # .train() swaps the gradient point back (torch.optim optimizers have neither)
-        switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
         if switch:
             optimizer.eval()
         try:
