@@ -9,6 +9,7 @@ from .algorithms.adam import Adam, AdamW
 from .algorithms.adamax import Adamax
 from .algorithms.adamod import AdaMod
 from .algorithms.adopt import ADOPT
+from .algorithms.composite_adam import CompositeAdam
 from .algorithms.fadam import FAdam
 from .algorithms.lion import Lion
 from .algorithms.nadam import NAdam
@@ -27,5 +28,5 @@ __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SparseAdam",
     "AdaBound", "AdaMod", "AdaBelief", "Lion", "FAdam", "Adafactor", "ADOPT",
     "Optimizer", "available", "create", "param_groups", "schedules",
-    "ScheduleFreeAdamW", "ScheduleFreeSGD",
+    "ScheduleFreeAdamW", "ScheduleFreeSGD", "CompositeAdam",
 ]

@@ -10,6 +10,7 @@ from .algorithms.adam import Adam, AdamW
 from .algorithms.adamax import Adamax
 from .algorithms.adamod import AdaMod
 from .algorithms.adopt import ADOPT
+from .algorithms.composite_adam import CompositeAdam
 from .algorithms.fadam import FAdam
 from .algorithms.lion import Lion
 from .algorithms.nadam import NAdam
@@ -39,6 +40,8 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "sparseadam": SparseAdam,
     "schedulefreeadamw": ScheduleFreeAdamW,
     "schedulefreesgd": ScheduleFreeSGD,
+    "compositeadam": CompositeAdam,
+    "c-adam": CompositeAdam,
 }
 
 
