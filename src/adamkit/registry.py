@@ -10,12 +10,14 @@ from .algorithms.adam import Adam, AdamW
 from .algorithms.adamax import Adamax
 from .algorithms.adamod import AdaMod
 from .algorithms.adopt import ADOPT
+from .algorithms.composite_adam import CompositeAdam
 from .algorithms.fadam import FAdam
 from .algorithms.lion import Lion
 from .algorithms.muon import Muon
 from .algorithms.nadam import NAdam
 from .algorithms.radam import RAdam
 from .algorithms.rmsprop import RMSprop
+from .algorithms.schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .algorithms.sgd import SGD
 from .algorithms.sparse_adam import SparseAdam
 from .optimizer import Optimizer
@@ -38,6 +40,10 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "rmsprop": RMSprop,
     "sgd": SGD,
     "sparseadam": SparseAdam,
+    "schedulefreeadamw": ScheduleFreeAdamW,
+    "schedulefreesgd": ScheduleFreeSGD,
+    "compositeadam": CompositeAdam,
+    "c-adam": CompositeAdam,
 }
 
 

@@ -271,6 +271,12 @@ SEARCH_SPACES: dict[str, tuple] = {
     "adafactor": (SearchParam("beta2_decay", -1.0, -0.5), _WD_DECOUPLED),
     # an "lr" entry replaces the default lr range; Muon's lr is not AdamW-like (1e-3 default)
     "muon": (SearchParam("lr", 3e-3, 0.1, log=True), SearchParam("momentum", 0.9, 0.98), _WD_DECOUPLED),
+    # an "lr" entry replaces the default range (the default lr / 100 to * 100)
+    "schedulefreeadamw": (SearchParam("lr", 1e-4, 1e-1, log=True), SearchParam("warmup_steps", 0, 1000, kind="int"),
+                          SearchParam("beta1", 0.9, 0.98), SearchParam("weight_decay", 1e-5, 1.0, log=True, switch=True)),
+    "schedulefreesgd": (SearchParam("lr", 1e-3, 10.0, log=True), SearchParam("momentum", 0.5, 0.99)),
+    "compositeadam": _ADAM,
+    "c-adam": _ADAM,
 }
 
 # Optimizers whose weight decay is decoupled (p <- p (1 - lr wd)); tune draws lr x wd contours for them.

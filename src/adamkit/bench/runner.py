@@ -456,15 +456,29 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None, dis
         elif not c.quiet:
             print(f"adamkit train: no checkpoint at {checkpoint_path}; starting from step 0", file=sys.stderr)
 
+    # Schedule-Free optimizers (.train()/.eval()) start in eval mode, as the reference's: train
+    # mode for the steps; checkpoints are saved in eval mode (the model holds the averaged point),
+    # as the reference recommends, so a resumed run switches back to train mode after loading
+    switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+    if switch:
+        optimizer.train()
+
     def save_checkpoint():
         state["wall_time_s"] = previous_wall + time.perf_counter() - wall_start
         saved = {"format": CHECKPOINT_FORMAT, "identity": identity,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "task": task.state_dict(), "history": history, "state": dict(state), "rng": _rng_state()}
-        if dist is not None:
-            dist.save(checkpoint_path, model, optimizer, saved, save_atomic)
-        else:
-            save_atomic(dict(saved, model=model.state_dict(), optimizer=optimizer.state_dict()), checkpoint_path)
+        if switch:  # Schedule-Free: checkpoints hold the averaged point x (eval mode)
+            optimizer.eval()
+        try:
+            if dist is not None:
+                dist.save(checkpoint_path, model, optimizer, saved, save_atomic)
+            else:
+                save_atomic(dict(saved, model=model.state_dict(), optimizer=optimizer.state_dict()),
+                            checkpoint_path)
+        finally:
+            if switch:
+                optimizer.train()
 
     writer = None
     if c.logdir:
@@ -476,7 +490,6 @@ def _train(run: PreparedRun, config: TrainConfig, on_step, on_evaluate=None, dis
     def evaluate(step):
         # Schedule-Free optimizers evaluate at their averaged point: .eval() swaps it in and
         # .train() swaps the gradient point back (torch.optim optimizers have neither)
-        switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
         if switch:
             optimizer.eval()
         try:
