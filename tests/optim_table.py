@@ -26,6 +26,9 @@ class OptimInfo:
     sparse_grads: bool = False  # takes (only, for SparseAdam) sparse gradients
     # convergence: per function (quadratic, beale, rosenbrock) -> (hyperparameters, schedule)
     converge: dict[str, tuple[dict[str, Any], Callable | None]] = field(default_factory=dict)
+    # where the generic front-end drivers cannot step it (2-D parameters only, a closure, a
+    # train/eval switch): why, and the test file that covers it instead
+    elsewhere: str | None = None
 
     def ids(self):
         return [f"{self.name}-{_cfg_id(c)}" for c in self.configs]
@@ -170,10 +173,20 @@ OPTIMIZERS: list[OptimInfo] = [
         converge={"quadratic": (dict(lr=5e-2), _cos), "beale": (dict(lr=5e-2), _cos),
                   "rosenbrock": (dict(lr=0.3, betas=(0.9, 0.999)), _cos)},
     ),
+    OptimInfo("muon", adamkit.Muon, T.Muon, configs=[], second_group={},
+              elsewhere="2-D parameters only (AdamW groups for the rest): tests/test_muon.py"),
+    OptimInfo("schedulefreeadamw", adamkit.ScheduleFreeAdamW, None, configs=[], second_group={},
+              elsewhere="starts in eval mode (opt.train() first): tests/test_schedule_free.py"),
+    OptimInfo("schedulefreesgd", adamkit.ScheduleFreeSGD, None, configs=[], second_group={},
+              elsewhere="starts in eval mode (opt.train() first): tests/test_schedule_free.py"),
+    OptimInfo("compositeadam", adamkit.CompositeAdam, None, configs=[], second_group={},
+              elsewhere="needs a closure (a second gradient): tests/test_composite_adam.py"),
+    OptimInfo("c-adam", adamkit.CompositeAdam, None, configs=[], second_group={},
+              elsewhere="the registry's other name of compositeadam"),
 ]
 
 BY_NAME = {info.name: info for info in OPTIMIZERS}
-DENSE = [info for info in OPTIMIZERS if info.name != "sparseadam"]
+DENSE = [info for info in OPTIMIZERS if info.name != "sparseadam" and info.elsewhere is None]
 
 
 def torch_cases():

@@ -134,7 +134,8 @@ def test_sparse_embedding_matches_torch(name, cfg):
     assert torch.equal(emb_a.weight.detach()[untouched], before)
 
 
-@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.torch_cls is not None and i.name != "sparseadam"],
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.torch_cls is not None and i.name != "sparseadam"
+                                  and i.elsewhere is None],
                          ids=lambda i: i.name)
 def test_checkpoints_move_both_ways(info):
     """A torch.optim checkpoint loads into adamkit and training continues as torch would; and back."""

@@ -183,13 +183,21 @@ def _stepped(name, dtype=torch.float32, steps=2):
         return list(emb.parameters()), opt
     params = [torch.nn.Parameter(torch.randn(3, 2, dtype=dtype)),
               torch.nn.Parameter(torch.randn(4, dtype=dtype))]
-    cfg = info.configs[-1] if info is not None else {}
-    opt = adamkit.create(name, [{"params": params[:1]}, {"params": params[1:], "lr": 1e-4}],
-                         **cfg)
-    for _ in range(steps):
+    cfg = info.configs[-1] if info is not None and info.configs else {}
+    second = {"params": params[1:], "lr": 1e-4}
+    if name == "muon":  # a 1-D parameter goes to an AdamW group
+        second["use_muon"] = False
+    opt = adamkit.create(name, [{"params": params[:1]}, second], **cfg)
+    if hasattr(opt, "train"):  # Schedule-Free steps in train mode
+        opt.train()
+    def closure():  # C-Adam asks for a second gradient; others call it once
         for p in params:
             p.grad = torch.randn_like(p)
-        opt.step()
+        return torch.zeros(())
+
+    for _ in range(steps):
+        closure()
+        opt.step(closure if getattr(opt, "requires_closure", False) else None)
     return params, opt
 
 
@@ -209,7 +217,9 @@ def test_3_state_dict_round_trip_is_exact_and_defaults_rebuild(name):
     sd = copy.deepcopy(opt.state_dict())
     defaults = dict(opt.defaults)
     def fresh_groups():
-        return [{"params": [torch.nn.Parameter(p.detach().clone()) for p in group["params"]]}
+        # the params of each group, and Muon's AdamW-group switch (as the user passes it)
+        return [{"params": [torch.nn.Parameter(p.detach().clone()) for p in group["params"]],
+                 **({"use_muon": group["use_muon"]} if "use_muon" in group else {})}
                 for group in opt.param_groups]
 
     twin = type(opt)(fresh_groups(), **opt.defaults)

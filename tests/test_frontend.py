@@ -47,7 +47,7 @@ def test_available_lists_every_optimizer_sorted():
     names = adamkit.available()
     assert names == sorted(names)
     assert set(names) == {info.name for info in OPTIMIZERS}
-    assert len(names) == 15
+    assert len(names) == 21
 
 
 def test_create_is_case_insensitive_and_passes_hyperparameters():
@@ -358,7 +358,7 @@ BAD = [
     (adamkit.Adafactor, dict(d=0.5), "Invalid d: 0.5 (must be >= 1)"),
     (adamkit.Adafactor, dict(eps=(-1.0, 1e-3)), "Invalid eps1: -1.0 (must be >= 0)"),
     (adamkit.Adafactor, dict(eps=1e-3), "Invalid eps: 0.001 (must be a pair (eps1 or None, eps2))"),
-    (adamkit.Adam, dict(backend="gpu"), "Invalid backend: 'gpu' (must be one of 'auto', 'fused', 'reference')"),
+    (adamkit.Adam, dict(backend="gpu"), "Invalid backend: 'gpu' (must be one of 'auto', 'fused', 'reference', 'triton')"),
     (adamkit.Adam, dict(state_dtype="float16"),
      "Invalid state_dtype: 'float16' (must be one of None, 'float32', 'bfloat16', 'int8')"),
     (adamkit.Adam, dict(on_nonfinite="ignore"),

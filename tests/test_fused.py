@@ -54,13 +54,18 @@ VARIANTS: dict[str, list[dict]] = {
             dict(momentum=0.9, nesterov=True), dict(momentum=0.9, dampening=0.5),
             dict(momentum=0.9, weight_decay=0.1, cautious=True)],
     "sparseadam": [dict()],
+    "schedulefreeadamw": [dict(weight_decay=0.1), dict(warmup_steps=3, r=1.0, weight_lr_power=1.0)],
+    "schedulefreesgd": [dict(weight_decay=0.1), dict(momentum=0.5, warmup_steps=3)],
 }
+# Registered optimizers these drivers cannot step (the tests/optim_table.py ``elsewhere`` column
+# says where each one's engines are compared)
+ELSEWHERE = {"muon", "compositeadam", "c-adam"}
 # Learning rates large enough that 10 steps move every optimizer visibly.
 LR = {"sgd": 0.05, "adagrad": 0.05, "rmsprop": 0.01, "lion": 0.01, "adafactor": 0.05}
 
 
 def _cases():
-    assert set(VARIANTS) == set(OPTIMIZERS), "every registered optimizer needs table entries"
+    assert set(VARIANTS) | ELSEWHERE == set(OPTIMIZERS), "every registered optimizer needs table entries"
     cases = []
     for name, variants in VARIANTS.items():
         for i, kwargs in enumerate(variants):
@@ -110,6 +115,8 @@ def _run(name, kwargs, dtype, backend, steps=10):
     lr = LR.get(name, 0.02)
     opt = adamkit.create(name, [{"params": groups[0]}, {"params": groups[1], "lr": lr / 2}],
                          lr=lr, backend=backend, **kwargs)
+    if hasattr(opt, "train"):  # Schedule-Free: steps are taken in train mode
+        opt.train()
     for step in range(steps):
         for p, grad in zip(params, _grads(params, step, sparse)):
             p.grad = grad

@@ -141,6 +141,7 @@ class Muon(Optimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
         *,
+        use_muon: bool = True,
         maximize: bool = False,
         backend: str = "auto",
         state_dtype: str | None = None,
@@ -149,7 +150,7 @@ class Muon(Optimizer):
     ):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
-                        adjust_lr_fn=adjust_lr_fn, use_muon=True, maximize=maximize)
+                        adjust_lr_fn=adjust_lr_fn, use_muon=use_muon, maximize=maximize)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite, stochastic_rounding=stochastic_rounding)
 

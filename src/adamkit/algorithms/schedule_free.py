@@ -136,6 +136,12 @@ class _ScheduleFree(Optimizer):
         super().__setstate__(state)
         self._step_scalars = None
 
+    def setup_group(self, group: dict) -> None:
+        # the reference's per-group counters: group keys (so state_dict carries them), not
+        # defaults, so that type(opt)(params, **opt.defaults) rebuilds an optimizer
+        for key, value in _GROUP_COUNTERS.items():
+            group.setdefault(key, value)
+
 
 _GROUP_COUNTERS = dict(k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
 
@@ -211,7 +217,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, r=r, warmup_steps=warmup_steps,
                         weight_lr_power=weight_lr_power, weight_decay=weight_decay,
-                        maximize=maximize, **_GROUP_COUNTERS)
+                        maximize=maximize)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite, stochastic_rounding=stochastic_rounding)
 
@@ -295,7 +301,7 @@ class ScheduleFreeSGD(_ScheduleFree):
     ):
         defaults = dict(lr=lr, momentum=momentum, r=r, warmup_steps=warmup_steps,
                         weight_lr_power=weight_lr_power, weight_decay=weight_decay,
-                        maximize=maximize, **_GROUP_COUNTERS)
+                        maximize=maximize)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype,
                          on_nonfinite=on_nonfinite, stochastic_rounding=stochastic_rounding)
 
