@@ -553,7 +553,8 @@ def _trajectory_cases():
     for (info, cfg), case_id in zip(*torch_cases()):
         for backend in ("reference", "fused"):
             marks = [needs_fused] if backend == "fused" else []
-            cause = TRAJECTORY_NOT_BITWISE.get((info.name, case_id.split("-", 1)[1]))
+            key = (info.name, case_id.split("-", 1)[1])
+            cause = TRAJECTORY_NOT_BITWISE.get(key, TRAJECTORY_NOT_BITWISE.get((*key, backend)))
             if cause is not None:
                 marks.append(pytest.mark.xfail(strict=True, reason=cause))
             cases.append(pytest.param(info, cfg, backend, marks=marks))
@@ -566,12 +567,14 @@ def _trajectory_cases():
 _FMA = ("torch's CPU kernels for addcmul_, add_(alpha=) and lerp_ round once (fused multiply-"
         "add); the rule rounds the product and the sum apart: a one-ulp difference that "
         "Rosenbrock amplifies (needs an fma helper in engines.ops and the Numba ops)")
-TRAJECTORY_NOT_BITWISE: dict[tuple[str, str], str] = {
+_FUSED = ("equal to torch on the reference engine (fma rules), not on the fused one: the fused "
+          "kernel for this configuration differs from the reference rule (not yet found why)")
+TRAJECTORY_NOT_BITWISE: dict[tuple, str] = {
     ('sgd', 'lr=0.1,momentum=0.9,nesterov=True,weight_decay=0.05,maximize=True'): _FMA,
-    ('adam', 'default'): _FMA,
-    ('radam', 'default'): _FMA,
-    ('radam', 'weight_decay=0.1'): _FMA,
-    ('radam', 'weight_decay=0.1,decoupled_weight_decay=True'): _FMA,
+    ('adam', 'default', 'fused'): _FUSED,
+    ('radam', 'default', 'fused'): _FUSED,
+    ('radam', 'weight_decay=0.1', 'fused'): _FUSED,
+    ('radam', 'weight_decay=0.1,decoupled_weight_decay=True', 'fused'): _FUSED,
     ('adafactor', 'default'): _FMA,
     ('adafactor', 'weight_decay=0.1'): _FMA,
     ('adafactor', 'maximize=True,d=2.0,beta2_decay=-0.5'): _FMA,
