@@ -563,7 +563,8 @@ def _trajectory_cases():
     for (info, cfg), case_id in zip(*torch_cases()):
         for backend in ("reference", "fused"):
             marks = [needs_fused] if backend == "fused" else []
-            cause = TRAJECTORY_NOT_BITWISE.get((info.name, case_id.split("-", 1)[1]))
+            key = (info.name, case_id.split("-", 1)[1])
+            cause = TRAJECTORY_NOT_BITWISE.get(key, TRAJECTORY_NOT_BITWISE.get((*key, backend)))
             if cause is not None:
                 marks.append(pytest.mark.xfail(strict=True, reason=cause))
             cases.append(pytest.param(info, cfg, backend, marks=marks))
@@ -576,32 +577,14 @@ def _trajectory_cases():
 _FMA = ("torch's CPU kernels for addcmul_, add_(alpha=) and lerp_ round once (fused multiply-"
         "add); the rule rounds the product and the sum apart: a one-ulp difference that "
         "Rosenbrock amplifies (needs an fma helper in engines.ops and the Numba ops)")
-TRAJECTORY_NOT_BITWISE: dict[tuple[str, str], str] = {
-    ('sgd', 'lr=0.1'): _FMA,
-    ('sgd', 'lr=0.1,momentum=0.9,nesterov=True'): _FMA,
-    ('sgd', 'lr=0.1,momentum=0.8,dampening=0.3,weight_decay=0.1'): _FMA,
+_FUSED = ("equal to torch on the reference engine (fma rules), not on the fused one: the fused "
+          "kernel for this configuration differs from the reference rule (not yet found why)")
+TRAJECTORY_NOT_BITWISE: dict[tuple, str] = {
     ('sgd', 'lr=0.1,momentum=0.9,nesterov=True,weight_decay=0.05,maximize=True'): _FMA,
-    ('rmsprop', 'centered=True'): _FMA,
-    ('rmsprop', 'momentum=0.9,weight_decay=0.1'): _FMA,
-    ('rmsprop', 'centered=True,momentum=0.5,maximize=True,alpha=0.9'): _FMA,
-    ('adam', 'default'): _FMA,
-    ('adam', 'amsgrad=True'): _FMA,
-    ('adam', 'weight_decay=0.1'): _FMA,
-    ('adam', 'weight_decay=0.1,decoupled_weight_decay=True'): _FMA,
-    ('adam', 'amsgrad=True,weight_decay=0.1,maximize=True,betas=(0.8, 0.99)'): _FMA,
-    ('adamw', 'default'): _FMA,
-    ('adamw', 'amsgrad=True,weight_decay=0.1'): _FMA,
-    ('adamw', 'maximize=True'): _FMA,
-    ('nadam', 'default'): _FMA,
-    ('nadam', 'weight_decay=0.1'): _FMA,
-    ('nadam', 'weight_decay=0.1,decoupled_weight_decay=True'): _FMA,
-    ('nadam', 'momentum_decay=0.01,maximize=True'): _FMA,
-    ('radam', 'default'): _FMA,
-    ('radam', 'weight_decay=0.1'): _FMA,
-    ('radam', 'weight_decay=0.1,decoupled_weight_decay=True'): _FMA,
-    ('radam', 'maximize=True,betas=(0.9, 0.99)'): _FMA,
-    ('adamax', 'default'): _FMA,
-    ('adamax', 'maximize=True,eps=0.001'): _FMA,
+    ('adam', 'default', 'fused'): _FUSED,
+    ('radam', 'default', 'fused'): _FUSED,
+    ('radam', 'weight_decay=0.1', 'fused'): _FUSED,
+    ('radam', 'weight_decay=0.1,decoupled_weight_decay=True', 'fused'): _FUSED,
     ('adafactor', 'default'): _FMA,
     ('adafactor', 'weight_decay=0.1'): _FMA,
     ('adafactor', 'maximize=True,d=2.0,beta2_decay=-0.5'): _FMA,

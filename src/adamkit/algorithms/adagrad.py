@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from .. import validation as v
-from ..engines.ops import sqrt
+from ..engines.ops import fma, sqrt
 from ..optimizer import Optimizer, scalar_dtype
 
 
@@ -93,8 +93,10 @@ class Adagrad(Optimizer):
 
     @staticmethod
     def update(s: AdagradScalars, p, g, sum_):
+        # torch's single-tensor order: add(alpha=) and addcmul_ round once (fma); addcdiv_
+        # rounds value * g, then the quotient, then the sum
         if s.weight_decay != 0:
-            g = g + s.weight_decay * p
-        sum_ = sum_ + g * g
-        return p - s.clr * (g / (sqrt(sum_) + s.eps)), sum_
+            g = fma(s.weight_decay, p, g)
+        sum_ = fma(g, g, sum_)
+        return p + (-s.clr * g) / (sqrt(sum_) + s.eps), sum_
 

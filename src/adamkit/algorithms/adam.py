@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import validation as v
-from ..engines.ops import lerp, maximum, sqrt
+from ..engines.ops import fma, lerp, maximum, sqrt
 from ..optimizer import Optimizer
-from .cautious import Cautious, agreement, masked
+from .cautious import Cautious, agreement
 
 
 class AdamScalars(NamedTuple):
@@ -103,20 +103,24 @@ class Adam(Cautious, Optimizer):
             if s.decoupled:
                 p = p * (1 - s.lr * s.weight_decay)
             else:
-                g = g + s.weight_decay * p
+                g = fma(s.weight_decay, p, g)  # torch's add(alpha=): rounded once
         exp_avg = lerp(exp_avg, g, 1 - s.beta1)
-        exp_avg_sq = exp_avg_sq * s.beta2 + (1 - s.beta2) * (g * g)
+        # mul_(beta2).addcmul_(g, g, value=1 - beta2): fma((1 - beta2) * g, g, v * beta2)
+        exp_avg_sq = fma((1 - s.beta2) * g, g, exp_avg_sq * s.beta2)
         if s.amsgrad:
             max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
             denom = sqrt(max_exp_avg_sq) / s.bias_correction2_sqrt + s.eps
         else:
             denom = sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps
-        u = s.step_size * (exp_avg / denom)
+        # addcdiv_(exp_avg, denom, value=-step_size): each of product, quotient, sum rounded
+        d = (-s.step_size * exp_avg) / denom
         if s.cautious:
-            return (p - masked(u, g, s.cautious_scale), exp_avg, exp_avg_sq, max_exp_avg_sq,
-                    agreement(u, g))
+            keep = agreement(-d, g)
+            # scale 1 (every sign agreeing) leaves d, and the step, bit for bit
+            return (p + d * (keep * s.cautious_scale), exp_avg, exp_avg_sq, max_exp_avg_sq,
+                    keep)
         else:
-            return p - u, exp_avg, exp_avg_sq, max_exp_avg_sq
+            return p + d, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
 class AdamW(Adam):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import validation as v
-from ..engines.ops import absolute, lerp, maximum
+from ..engines.ops import absolute, fma, lerp, maximum
 from ..optimizer import Optimizer
-from .cautious import Cautious, agreement, masked
+from .cautious import Cautious, agreement
 
 
 class AdamaxScalars(NamedTuple):
@@ -80,11 +80,13 @@ class Adamax(Cautious, Optimizer):
     @staticmethod
     def update(s: AdamaxScalars, p, g, exp_avg, exp_inf):
         if s.weight_decay != 0:
-            g = g + s.weight_decay * p
+            g = fma(s.weight_decay, p, g)  # torch's add(alpha=): rounded once
         exp_avg = lerp(exp_avg, g, 1 - s.beta1)
         exp_inf = maximum(exp_inf * s.beta2, absolute(g) + s.eps)
-        u = s.clr * (exp_avg / exp_inf)
+        # addcdiv_(exp_avg, exp_inf, value=-clr): product, quotient and sum rounded apart
+        d = (-s.clr * exp_avg) / exp_inf
         if s.cautious:
-            return p - masked(u, g, s.cautious_scale), exp_avg, exp_inf, agreement(u, g)
+            keep = agreement(-d, g)
+            return p + d * (keep * s.cautious_scale), exp_avg, exp_inf, keep
         else:
-            return p - u, exp_avg, exp_inf
+            return p + d, exp_avg, exp_inf

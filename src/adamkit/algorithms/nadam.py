@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from .. import validation as v
-from ..engines.ops import lerp, sqrt
+from ..engines.ops import fma, lerp, sqrt
 from ..optimizer import Optimizer, scalar_dtype
 from .cautious import Cautious, agreement
 
@@ -19,7 +19,7 @@ class NAdamScalars(NamedTuple):
     eps: float
     weight_decay: float
     decoupled: bool
-    inv_bias_correction2: float  # 1 / (1 - beta2^t)
+    bias_correction2: float  # 1 - beta2^t
     grad_coef: float  # lr (1 - mu_t) / (1 - prod_{i<=t} mu_i)
     exp_avg_coef: float  # lr mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
     cautious: bool = False
@@ -111,7 +111,7 @@ class NAdam(Cautious, Optimizer):
         return NAdamScalars(
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-            inv_bias_correction2=1 / (1 - beta2**t),
+            bias_correction2=1 - beta2**t,
             grad_coef=lr * (1.0 - mu) / (1.0 - mu_product),
             exp_avg_coef=lr * mu_next / (1.0 - mu_product * mu_next),
             cautious=group["cautious"],
@@ -123,16 +123,18 @@ class NAdam(Cautious, Optimizer):
             if s.decoupled:
                 p = p * (1 - s.lr * s.weight_decay)
             else:
-                g = g + s.weight_decay * p
+                g = fma(s.weight_decay, p, g)  # torch's add(alpha=): rounded once
         exp_avg = lerp(exp_avg, g, 1 - s.beta1)
-        exp_avg_sq = exp_avg_sq * s.beta2 + (1 - s.beta2) * (g * g)
-        # one division per element (the kernels are bound by the divider, not by memory)
-        inv = 1 / (sqrt(exp_avg_sq * s.inv_bias_correction2) + s.eps)
-        grad_term = s.grad_coef * (g * inv)
-        exp_avg_term = s.exp_avg_coef * (exp_avg * inv)
+        # mul_(beta2).addcmul_(g, g, value=1 - beta2): fma((1 - beta2) * g, g, v * beta2)
+        exp_avg_sq = fma((1 - s.beta2) * g, g, exp_avg_sq * s.beta2)
+        # torch's order: sqrt(v / bc2) + eps, then two addcdiv_ (product, quotient and sum
+        # each rounded): two divisions per element, as torch
+        denom = sqrt(exp_avg_sq / s.bias_correction2) + s.eps
+        grad_term = (-s.grad_coef * g) / denom
+        exp_avg_term = (-s.exp_avg_coef * exp_avg) / denom
         if s.cautious:
-            keep = agreement(grad_term + exp_avg_term, g)
-            p = p - grad_term * (keep * s.cautious_scale) - exp_avg_term * (keep * s.cautious_scale)
+            keep = agreement(-(grad_term + exp_avg_term), g)
+            p = p + grad_term * (keep * s.cautious_scale) + exp_avg_term * (keep * s.cautious_scale)
             return p, exp_avg, exp_avg_sq, keep
         else:
-            return p - grad_term - exp_avg_term, exp_avg, exp_avg_sq
+            return p + grad_term + exp_avg_term, exp_avg, exp_avg_sq

@@ -6,7 +6,7 @@ import math
 from typing import NamedTuple
 
 from .. import validation as v
-from ..engines.ops import lerp, sqrt
+from ..engines.ops import fma, lerp, sqrt
 from ..optimizer import Optimizer
 from .cautious import Cautious, agreement, masked
 
@@ -33,7 +33,8 @@ class RAdamScalars(NamedTuple):
     decoupled: bool
     rectified: bool  # rho_t > 5
     bias_correction1: float
-    adaptive_coef: float  # lr * r_t * sqrt(1 - beta2^t), used when rectified
+    bias_correction2_sqrt: float  # sqrt(1 - beta2^t)
+    rect: float  # r_t, used when rectified
     cautious: bool = False
     cautious_scale: float = 1.0  # 1 / max(mean(mask), 1e-3), set after the mask pass
 
@@ -103,7 +104,7 @@ class RAdam(Cautious, Optimizer):
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
             rectified=rectified, bias_correction1=1 - beta1**t,
-            adaptive_coef=lr * rect * (1 - beta2**t) ** 0.5 if rectified else 0.0,
+            bias_correction2_sqrt=(1 - beta2**t) ** 0.5, rect=rect if rectified else 0.0,
             cautious=group["cautious"],
         )
 
@@ -113,12 +114,14 @@ class RAdam(Cautious, Optimizer):
             if s.decoupled:
                 p = p * (1 - s.lr * s.weight_decay)
             else:
-                g = g + s.weight_decay * p
+                g = fma(s.weight_decay, p, g)  # torch's add(alpha=): rounded once
         exp_avg = lerp(exp_avg, g, 1 - s.beta1)
-        exp_avg_sq = exp_avg_sq * s.beta2 + (1 - s.beta2) * (g * g)
+        # mul_(beta2).addcmul_(g, g, value=1 - beta2): fma((1 - beta2) * g, g, v * beta2)
+        exp_avg_sq = fma((1 - s.beta2) * g, g, exp_avg_sq * s.beta2)
         corrected = exp_avg / s.bias_correction1
         if s.rectified:
-            u = corrected * s.adaptive_coef / (sqrt(exp_avg_sq) + s.eps)
+            # torch's order: corrected * lr * (sqrt(bc2) / (sqrt(v) + eps)) * r_t
+            u = corrected * s.lr * (s.bias_correction2_sqrt / (sqrt(exp_avg_sq) + s.eps)) * s.rect
         else:
             u = corrected * s.lr
         if s.cautious:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import validation as v
-from ..engines.ops import lerp, sqrt
+from ..engines.ops import fma, lerp, sqrt
 from ..optimizer import Optimizer
 
 
@@ -86,17 +86,19 @@ class RMSprop(Optimizer):
 
     @staticmethod
     def update(s: RMSpropScalars, p, g, square_avg, momentum_buffer, grad_avg):
+        # torch's single-tensor order: add(alpha=) and addcmul(value=v) round once
+        # (fma(v * x, y, z)); addcdiv(value=v) is z + (v * x) / y, rounded at each step
         if s.weight_decay != 0:
-            g = g + s.weight_decay * p
-        square_avg = square_avg * s.alpha + (1 - s.alpha) * (g * g)
+            g = fma(s.weight_decay, p, g)
+        square_avg = fma((1 - s.alpha) * g, g, square_avg * s.alpha)
         if s.centered:
             grad_avg = lerp(grad_avg, g, 1 - s.alpha)
-            denom = sqrt(square_avg - grad_avg * grad_avg) + s.eps
+            denom = sqrt(fma(-grad_avg, grad_avg, square_avg)) + s.eps
         else:
             denom = sqrt(square_avg) + s.eps
         if s.momentum > 0:
             momentum_buffer = momentum_buffer * s.momentum + g / denom
-            p = p - s.lr * momentum_buffer
+            p = fma(-s.lr, momentum_buffer, p)
         else:
-            p = p - s.lr * (g / denom)
+            p = p + (-s.lr * g) / denom
         return p, square_avg, momentum_buffer, grad_avg

@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..optimizer import Optimizer
-from .cautious import Cautious, agreement, masked
+from ..engines.ops import fma
+from .cautious import Cautious, agreement
 
 
 class SGDScalars(NamedTuple):
@@ -114,20 +115,23 @@ class SGD(Cautious, Optimizer):
 
     @staticmethod
     def update(s: SGDScalars, p, g, momentum_buffer):
+        # torch's single-tensor order; its add_(alpha=) rounds once (fma)
         if s.weight_decay != 0:
-            g = g + s.weight_decay * p
+            g = fma(s.weight_decay, p, g)
         grad = g  # what the Cautious mask compares with
         if s.momentum != 0:
             if s.first:
                 momentum_buffer = g
             else:
-                momentum_buffer = momentum_buffer * s.momentum + (1 - s.dampening) * g
+                momentum_buffer = fma(1 - s.dampening, g, momentum_buffer * s.momentum)
             if s.nesterov:
-                g = g + s.momentum * momentum_buffer
+                g = fma(s.momentum, momentum_buffer, g)
             else:
                 g = momentum_buffer
-        u = s.lr * g
         if s.cautious:
-            return p - masked(u, grad, s.cautious_scale), momentum_buffer, agreement(u, grad)
+            u = s.lr * g
+            keep = agreement(u, grad)
+            # with every sign agreeing (scale 1) this is the plain step bit for bit
+            return fma(-s.lr, g * (keep * s.cautious_scale), p), momentum_buffer, keep
         else:
-            return p - u, momentum_buffer
+            return fma(-s.lr, g, p), momentum_buffer

@@ -221,6 +221,32 @@ def _clamp(x, low, high):
         return impl
 
 
+@intrinsic
+def fused_multiply_add(typingctx, a, b, c):
+    """a * b + c rounded once (LLVM's ``llvm.fma``: the hardware instruction where there is
+    one, a correctly rounded library call where not), for three float64 or three float32."""
+    if not (a == b == c and a in (types.float64, types.float32)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
+@overload(ops.fma)
+def _fma(a, b, c):
+    if _is_float(a) or _is_float(b) or _is_float(c):
+        cast = _elem_type(a, b, c)
+
+        def impl(a, b, c):
+            return fused_multiply_add(cast(a), cast(b), cast(c))
+
+        return impl
+
+
 @overload(ops.lerp)
 def _lerp(start, end, weight):
     if _is_float(start) or _is_float(end):
@@ -229,10 +255,12 @@ def _lerp(start, end, weight):
         def impl(start, end, weight):
             a = cast(start)
             b = cast(end)
-            # torch's CPU lerp: weight in the element type, the symmetric form for w >= 0.5
-            if abs(weight) < 0.5:
-                return a + cast(weight) * (b - a)
-            return b - (b - a) * cast(1.0 - weight)
+            w = cast(weight)
+            # torch's CPU lerp: weight in the element type, the symmetric form for w >= 0.5,
+            # each form rounded once after the difference (see ops.lerp)
+            if abs(w) < 0.5:
+                return fused_multiply_add(w, b - a, a)
+            return fused_multiply_add(w - cast(1.0), b - a, b)
 
         return impl
 

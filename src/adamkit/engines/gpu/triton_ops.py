@@ -84,7 +84,15 @@ def clamp(x, low, high):
 
 
 @triton.jit
+def fma(a, b, c):
+    # a * b + c rounded once, as torch's CPU addcmul_ / add_(alpha=) (see ops.fma)
+    return tl.fma(a, b, c)
+
+
+@triton.jit
 def lerp(start, end, weight):
-    # torch.lerp's two forms (see ops.lerp); weight is a scalar, so both sides agree per block
-    return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start),
-                    end - (end - start) * (1.0 - weight))
+    # torch.lerp's two forms, each rounded once after the difference (see ops.lerp); weight
+    # is a scalar, so both sides agree per block
+    diff = end - start
+    return tl.where(tl.abs(weight) < 0.5, tl.fma(weight, diff, start),
+                    tl.fma(weight - 1.0, diff, end))
