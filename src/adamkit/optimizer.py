@@ -59,6 +59,16 @@ _STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _TORCH_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
+def value(x):
+    """A hyperparameter (``lr``, ...) as the rule's ``scalars`` use it: ``float(x)``, except that
+    under ``torch.compile`` a tensor stays a 0-dim tensor (reading its value would be a graph
+    break, and a changing tensor lr must not recompile; torch's compiled optimizers do the
+    same). Eager steps are unchanged."""
+    if isinstance(x, Tensor) and torch.compiler.is_compiling():
+        return x.to(torch.float64)  # float(x) is exact in a Python float (a double)
+    return float(x)
+
+
 def scalar_dtype() -> torch.dtype:
     """dtype of the ``step`` counter tensor, as torch.optim chooses it."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -626,7 +636,11 @@ class Optimizer(torch.optim.Optimizer):
         # seeds stochastic rounding of 8-bit state: deterministic, different every step
         # and of bfloat16 values (stochastic_rounding); optimizers without a step count (SGD)
         # use the number of step() calls
-        seed = self._seed(state, p, where)
+        # under torch.compile the seed is computed only where it is used (it reads the step
+        # count's value: a graph break); the reference engine without stochastic rounding
+        # and without 8-bit state never reads it
+        seed = 0 if (torch.compiler.is_compiling() and not fused and not quantized
+                     and not self.stochastic_rounding) else self._seed(state, p, where)
         if group["maximize"] and (grad.is_sparse or not fused):
             grad = -grad
         if fused:
@@ -751,7 +765,13 @@ class Optimizer(torch.optim.Optimizer):
         step = state.get("step")
         if step is None:
             step = state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-        t = float(step) + 1.0
+        if torch.compiler.is_compiling():
+            # torch.compile: the count stays a 0-dim tensor (float(step) is a graph break), in
+            # float64 so that scalars computed from it (beta**t, ...) round as the eager
+            # path's Python floats do
+            t = step.to(torch.float64) + 1.0
+        else:
+            t = float(step) + 1.0
         pending = getattr(self, "_pending_steps", None)
         if pending is None:
             step += 1

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import maximum, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement, masked
 from .radam import rectification
 
@@ -96,7 +96,7 @@ class AdaBelief(Cautious, Optimizer):
     def scalars(self, group, state) -> AdaBeliefScalars:
         t = self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
-        lr = float(group["lr"])
+        lr = value(group["lr"])
         bias_correction1 = 1 - beta1**t
         rectified = False
         rectified_step_size = 0.0

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import clamp, maximum, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement, masked
 
 
@@ -97,7 +97,7 @@ class AdaBound(Cautious, Optimizer):
 
     def setup_group(self, group):
         super().setup_group(group)
-        group.setdefault("base_lr", float(group["lr"]))
+        group.setdefault("base_lr", value(group["lr"]))
 
     def state_slots(self, group, p):
         return self.slot_names if group["amsbound"] else self.slot_names[:2]
@@ -105,7 +105,7 @@ class AdaBound(Cautious, Optimizer):
     def scalars(self, group, state) -> AdaBoundScalars:
         t = self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
-        lr = float(group["lr"])
+        lr = value(group["lr"])
         base_lr = group["base_lr"]
         final_lr = group["final_lr"] * lr / base_lr if base_lr != 0 else 0.0
         gamma_t = group["gamma"] * t
@@ -113,10 +113,10 @@ class AdaBound(Cautious, Optimizer):
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
             amsbound=group["amsbound"],
-            step_size=lr * math.sqrt(1 - beta2**t) / (1 - beta1**t),
+            step_size=lr * sqrt(1 - beta2**t) / (1 - beta1**t),
             lower=final_lr * (1 - 1 / (gamma_t + 1)),
             # gamma = 0 leaves the step unbounded above (1 / 0 read as +inf)
-            upper=final_lr * (1 + 1 / gamma_t) if gamma_t > 0 else math.inf,
+            upper=final_lr * (1 + 1 / gamma_t) if group["gamma"] > 0 else math.inf,  # t >= 1
             cautious=group["cautious"],
         )
 

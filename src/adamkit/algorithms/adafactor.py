@@ -12,7 +12,7 @@ from .. import storage
 from .. import validation as v
 from ..engines.ops import lerp, maximum, minimum, sign, sqrt
 from ..engines.reference import compute_dtype
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 
 
 class AdafactorScalars(NamedTuple):
@@ -197,7 +197,7 @@ class Adafactor(Optimizer):
 
     def scalars(self, group, state) -> AdafactorScalars:
         t = self.advance_step(state)
-        lr = float(group["lr"])
+        lr = value(group["lr"])
         eps1, eps2 = group["eps"]
         return AdafactorScalars(
             lr=lr, one_minus_beta2=t ** group["beta2_decay"], rho=min(lr, 1 / t**0.5),

@@ -8,7 +8,7 @@ import torch
 
 from .. import validation as v
 from ..engines.ops import fma, sqrt
-from ..optimizer import Optimizer, scalar_dtype
+from ..optimizer import Optimizer, scalar_dtype, value
 
 
 class AdagradScalars(NamedTuple):
@@ -87,7 +87,7 @@ class Adagrad(Optimizer):
     def scalars(self, group, state) -> AdagradScalars:
         t = self.advance_step(state)
         return AdagradScalars(
-            clr=float(group["lr"]) / (1 + (t - 1) * group["lr_decay"]),
+            clr=value(group["lr"]) / (1 + (t - 1) * group["lr_decay"]),
             eps=group["eps"], weight_decay=group["weight_decay"],
         )
 

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import fma, lerp, maximum, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement
 
 
@@ -88,7 +88,7 @@ class Adam(Cautious, Optimizer):
     def scalars(self, group, state) -> AdamScalars:
         t = self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
-        lr = float(group["lr"])
+        lr = value(group["lr"])
         return AdamScalars(
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import absolute, fma, lerp, maximum
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement
 
 
@@ -73,7 +73,7 @@ class Adamax(Cautious, Optimizer):
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         return AdamaxScalars(
             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            clr=float(group["lr"]) / (1 - beta1**t),
+            clr=value(group["lr"]) / (1 - beta1**t),
             cautious=group["cautious"],
         )
 

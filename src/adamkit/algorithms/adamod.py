@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import minimum, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement, masked
 
 
@@ -77,11 +76,11 @@ class AdaMod(Cautious, Optimizer):
     def scalars(self, group, state) -> AdaModScalars:
         t = self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
-        lr = float(group["lr"])
+        lr = value(group["lr"])
         return AdaModScalars(
             lr=lr, beta1=beta1, beta2=beta2, beta3=group["beta3"], eps=group["eps"],
             weight_decay=group["weight_decay"],
-            step_size=lr * math.sqrt(1 - beta2**t) / (1 - beta1**t),
+            step_size=lr * sqrt(1 - beta2**t) / (1 - beta1**t),
             cautious=group["cautious"],
         )
 

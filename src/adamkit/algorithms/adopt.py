@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 
 from .. import validation as v
 from ..engines.ops import clamp, lerp, maximum, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement, masked
 
 
@@ -101,7 +101,7 @@ class ADOPT(Cautious, Optimizer):
         beta1, beta2 = group["betas"]
         clipped = self.clip_lambda is not None and t > 1
         return ADOPTScalars(
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+            lr=value(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decouple=group["decouple"], first=t == 1,
             clipped=clipped, clip=float(self.clip_lambda(t - 1.0)) if clipped else math.inf,
             cautious=group["cautious"],

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import validation as v
 from ..engines.ops import maximum, minimum, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 
 
 class FAdamScalars(NamedTuple):
@@ -122,7 +122,7 @@ class FAdam(Optimizer):
         t = self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         return FAdamScalars(
-            lr=float(group["lr"]), beta1=beta1,
+            lr=value(group["lr"]), beta1=beta1,
             fisher_beta=beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t),
             eps=group["eps"], power=group["p"], clip=group["clip"],
             weight_decay=group["weight_decay"],

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import sign
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement, masked
 
 
@@ -67,7 +67,7 @@ class Lion(Cautious, Optimizer):
     def scalars(self, group, state) -> LionScalars:
         self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
-        return LionScalars(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+        return LionScalars(lr=value(group["lr"]), beta1=beta1, beta2=beta2,
                            weight_decay=group["weight_decay"], cautious=group["cautious"])
 
     @staticmethod

@@ -8,7 +8,7 @@ import torch
 
 from .. import validation as v
 from ..engines.ops import fma, lerp, sqrt
-from ..optimizer import Optimizer, scalar_dtype
+from ..optimizer import Optimizer, scalar_dtype, value
 from .cautious import Cautious, agreement
 
 
@@ -102,12 +102,12 @@ class NAdam(Cautious, Optimizer):
             state["mu_product"] = torch.ones((), dtype=scalar_dtype())
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
         psi = group["momentum_decay"]
-        lr = float(group["lr"])
+        lr = value(group["lr"])
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
         # The product is accumulated in the state tensor's own dtype, as torch does.
         state["mu_product"] *= mu
-        mu_product = float(state["mu_product"])
+        mu_product = value(state["mu_product"])
         return NAdamScalars(
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],

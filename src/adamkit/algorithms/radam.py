@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import fma, lerp, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from .cautious import Cautious, agreement, masked
 
 
@@ -97,7 +97,7 @@ class RAdam(Cautious, Optimizer):
     def scalars(self, group, state) -> RAdamScalars:
         t = self.advance_step(state)
         beta1, beta2 = map(float, group["betas"])  # tensor betas too, as torch
-        lr = float(group["lr"])
+        lr = value(group["lr"])
         rho_t, rect = rectification(beta2, t)
         rectified = rho_t > 5.0
         return RAdamScalars(

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from .. import validation as v
 from ..engines.ops import fma, lerp, sqrt
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 
 
 class RMSpropScalars(NamedTuple):
@@ -79,7 +79,7 @@ class RMSprop(Optimizer):
     def scalars(self, group, state) -> RMSpropScalars:
         self.advance_step(state)
         return RMSpropScalars(
-            lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+            lr=value(group["lr"]), alpha=group["alpha"], eps=group["eps"],
             weight_decay=group["weight_decay"], momentum=group["momentum"],
             centered=group["centered"],
         )

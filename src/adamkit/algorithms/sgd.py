@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import validation as v
-from ..optimizer import Optimizer
+from ..optimizer import Optimizer, value
 from ..engines.ops import fma
 from .cautious import Cautious, agreement
 
@@ -93,7 +93,7 @@ class SGD(Cautious, Optimizer):
 
     def scalars(self, group, state) -> SGDScalars:
         return SGDScalars(
-            lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+            lr=value(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             first="momentum_buffer" not in state, cautious=group["cautious"],
         )
