@@ -35,8 +35,13 @@ BREAKS = {
 # size), which dynamo does not trace
 
 
+#: landed after this census was taken: not yet measured under torch.compile
+NOT_MEASURED = ["c-adam", "compositeadam", "muon", "schedulefreeadamw", "schedulefreesgd"]
+
+
 def test_every_optimizer_is_listed():
-    assert sorted(COMPILES + list(BREAKS) + ["sparseadam"]) == sorted(adamkit.available())
+    assert sorted(COMPILES + list(BREAKS) + ["sparseadam"] + NOT_MEASURED) \
+        == sorted(adamkit.available())
 
 
 def _setup(name, lr=None, **kw):

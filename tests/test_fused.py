@@ -637,14 +637,16 @@ def test_kernels_are_compiled_per_outcome_of_scalar_branches():
     from adamkit.algorithms.fadam import _clip_sums_pass
 
     program = compiler._rule_program(Adam.update)
-    assert [kind for kind, _ in program.points] == ["if", "if", "if"]
-    plain = program.source((False, False, False), codegen.RULE_DECORATOR)  # no decay, not decoupled, no AMSGrad
-    assert "maximum(" not in plain and "weight_decay" not in plain
-    amsgrad = program.source((True, True, True), codegen.RULE_DECORATOR)
-    assert "maximum(" in amsgrad and "weight_decay" in amsgrad
+    assert [kind for kind, _ in program.points] == ["if", "if", "if", "if"]
+    # no decay, not decoupled, no AMSGrad, not cautious
+    plain = program.source((False, False, False, False), codegen.RULE_DECORATOR)
+    assert "maximum(" not in plain and "weight_decay" not in plain and "agreement" not in plain
+    amsgrad = program.source((True, True, True, True), codegen.RULE_DECORATOR)
+    assert "maximum(" in amsgrad and "weight_decay" in amsgrad and "agreement" in amsgrad
     fisher = compiler._rule_program(_clip_sums_pass)
     assert fisher.points == [("pow", "_E(s.power)")]
-    assert "_sqrt(" in fisher.source((0.5,)) and "_pow_general(" in fisher.source(("other",))
+    assert "_sqrt(" in fisher.source((0.5,), codegen.RULE_DECORATOR) \
+        and "_pow_general(" in fisher.source(("other",), codegen.RULE_DECORATOR)
 
 
 def test_groups_with_different_branch_outcomes_match_reference():
@@ -1477,10 +1479,10 @@ def test_sq_stats_last_dims_leaves_other_tensors_to_the_reference_path():
 
 def _adafactor_redo_flags(monkeypatch) -> list:
     """Record every ``where`` Adafactor passes to sums_where (per tensor or per cohort)."""
-    from adamkit import optimizer as optimizer_module
+    from adamkit.engines import cohort
 
     seen = []
-    for cls in (cpu.FusedEngine, optimizer_module._BlockEngine):
+    for cls in (cpu.FusedEngine, cohort._BlockEngine):
         original = cls.sums_where
 
         def record(self, where, *args, _original=original):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .. import validation as v
-from ..engines.ops import lerp, sqrt
+from ..engines.ops import fma, lerp, sqrt
 from ..optimizer import Optimizer
 
 _NO_CLOSURE = ("CompositeAdam.step() needs a closure: C-Adam evaluates the gradient a second time "
@@ -101,14 +101,15 @@ class CompositeAdam(Optimizer):
 
     @staticmethod
     def update(s: CompositeAdamScalars, p, g, exp_avg, exp_avg_sq, predicted_grad):
+        # Adam's arithmetic in adam.py's (torch's) order, so that u = g is Adam bit for bit
         c = 0.5 * (g + predicted_grad)
         if s.weight_decay != 0:
-            c = c + s.weight_decay * p
-            g = g + s.weight_decay * p
+            c = fma(s.weight_decay, p, c)
+            g = fma(s.weight_decay, p, g)
         exp_avg = lerp(exp_avg, c, 1 - s.beta1)
-        exp_avg_sq = exp_avg_sq * s.beta2 + (1 - s.beta2) * (g * g)
+        exp_avg_sq = fma((1 - s.beta2) * g, g, exp_avg_sq * s.beta2)
         denom = sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps
-        return p - s.step_size * (exp_avg / denom), exp_avg, exp_avg_sq, predicted_grad
+        return p + (-s.step_size * exp_avg) / denom, exp_avg, exp_avg_sq, predicted_grad
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -326,7 +326,8 @@ def probe_training(spec: ResultSpec) -> dict:
 def memory_names() -> list[str]:
     """Every optimizer the library registers, plus the harness's momentum / AMSGrad variants."""
     import adamkit
-    return sorted(set(adamkit.available()) | {"sgdm", "amsgrad"})
+    # C-Adam needs a closure (a second gradient) for its one measured step: left out here
+    return sorted(set(adamkit.available()) - {"compositeadam", "c-adam"} | {"sgdm", "amsgrad"})
 
 
 def measure_state_bytes(shape: tuple[int, int], backend: str = "reference") -> dict:
@@ -348,7 +349,12 @@ def measure_state_bytes(shape: tuple[int, int], backend: str = "reference") -> d
             bias = torch.nn.Parameter(torch.randn(rows, generator=generator))
             passed = optim_names.effective_hyperparameters(spec, {"backend": backend, "state_dtype": state_dtype})
             try:
-                optimizer = optim_names.create(spec, [weight, bias], passed)
+                # Muon takes the matrix; its AdamW group the bias
+                params = ([{"params": [weight]}, {"params": [bias], "use_muon": False}]
+                          if spec.base == "muon" else [weight, bias])
+                optimizer = optim_names.create(spec, params, passed)
+                if hasattr(optimizer, "train"):  # Schedule-Free steps in train mode
+                    optimizer.train()
                 for p in (weight, bias):
                     grad = torch.randn(p.shape, generator=generator)
                     p.grad = grad.to_sparse() if spec.base in optim_names.SPARSE_ONLY else grad
