@@ -42,8 +42,8 @@ from . import distributed, storage, validation
 from .engines import cpu as fused_cpu
 from .engines import gpu as triton_gpu
 from .engines.cohort import _GroupLockstepPlan
-from .engines.plans import (_SEED_MASK, _SEED_STEP, _GroupPlan,
-                            _LockstepPlan, _Plan, _run_to_end, _seed_base, _vectorizes)
+from .engines.plans import (_SEED_MASK, _SEED_STEP, _GroupPlan, _LockstepPlan, _Plan,
+                            _run_to_end, _seed_base, _vectorizes, run_in_lockstep)
 from .engines.reference import ReferenceEngine
 from .storage import BlockQuantized
 
@@ -67,6 +67,11 @@ def value(x):
     if isinstance(x, Tensor) and torch.compiler.is_compiling():
         return x.to(torch.float64)  # float(x) is exact in a Python float (a double)
     return float(x)
+
+
+def _pending_value(value):
+    """A sum the fused engine deferred to the step's batch, now known."""
+    return value.value if isinstance(value, fused_cpu.Pending) else value
 
 
 def scalar_dtype() -> torch.dtype:
@@ -498,23 +503,9 @@ class Optimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _run_in_lockstep(programs: list, batch) -> None:
-        """Advance every tensor's generator ``apply`` to its next ``yield``, run the maps they
-        deferred (one launch per kernel), send each its sums, and repeat until all are done."""
-        values = [None] * len(programs)
-        active = list(range(len(programs)))
-        while active:
-            waiting = []
-            for i in active:
-                try:
-                    values[i] = programs[i].send(values[i])
-                    waiting.append(i)
-                except StopIteration:
-                    pass
-            batch.flush()
-            for i in waiting:
-                if isinstance(values[i], fused_cpu.Pending):
-                    values[i] = values[i].value
-            active = waiting
+        """Advance every tensor's generator ``apply`` in lockstep: one launch per kernel at
+        each ``yield`` (:func:`adamkit.engines.plans.run_in_lockstep`)."""
+        run_in_lockstep(programs, batch, _pending_value)
 
     def _gradients_finite(self) -> bool:
         flags = []

@@ -38,6 +38,26 @@ def _run_to_end(program) -> None:
         pass
 
 
+def run_in_lockstep(programs: list, batch, resolve: Callable) -> None:
+    """Advance every tensor's generator ``apply`` to its next ``yield``, run the maps they
+    deferred (``batch.flush()``: one launch per kernel), send each what it yielded through
+    ``resolve`` (the backend's deferred sums, now known), and repeat until all are done."""
+    values = [None] * len(programs)
+    active = list(range(len(programs)))
+    while active:
+        waiting = []
+        for i in active:
+            try:
+                values[i] = programs[i].send(values[i])
+                waiting.append(i)
+            except StopIteration:
+                pass
+        batch.flush()
+        for i in waiting:
+            values[i] = resolve(values[i])
+        active = waiting
+
+
 def _addresses(value) -> tuple[int, ...]:
     if isinstance(value, BlockQuantized):
         return (value.codes.data_ptr(), value.absmax.data_ptr())

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ...compiler import rule_outcomes
+from ..plans import run_in_lockstep
 from ..reference import ReferenceEngine, newton_schulz
 from . import codegen
 
@@ -271,25 +272,6 @@ def _resolve(value):
     return value
 
 
-def _run_generators(programs: list, queue: KernelQueue) -> None:
-    """Advance every tensor's generator ``apply`` to its next ``yield``, run the queued maps
-    (one launch per kernel), send each its sums; repeat until all are done."""
-    values = [None] * len(programs)
-    active = list(range(len(programs)))
-    while active:
-        waiting = []
-        for i in active:
-            try:
-                values[i] = programs[i].send(values[i])
-                waiting.append(i)
-            except StopIteration:
-                pass
-        queue.flush()
-        for i in waiting:
-            values[i] = _resolve(values[i])
-        active = waiting
-
-
 class _RecordingQueue(KernelQueue):
     """A queue that records the kernels a step needs instead of running them (sums are 1)."""
 
@@ -392,7 +374,7 @@ def step(opt, queue: KernelQueue | None = None) -> None:
                     finishing.append((q, slots[k],
                                       seed + i if opt.round_int8_stochastically else None))
         if programs:
-            _run_generators(programs, queue)
+            run_in_lockstep(programs, queue, _resolve)
         queue.flush()
         skipped = found is not None and bool(found.item())  # after every launch
         if skipped:
